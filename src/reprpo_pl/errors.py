@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
+
+
+class UserError(ValueError):
+    """Bad input from the user (config, data, paths). The message names the value and the fix."""
