@@ -39,3 +39,18 @@ def dpo_loss(
     if loss_type == "hinge":
         return F.relu(1 - beta * rho)
     raise UserError(f"unknown loss_type={loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+
+
+def dpo_metrics(pi_cho: Tensor, pi_rej: Tensor, ref_cho: Tensor, ref_rej: Tensor, beta: float) -> dict[str, Tensor]:
+    """TRL-named DPO diagnostics (detached means) from aggregated log-probs ``[B]``."""
+    rewards_cho = beta * (pi_cho - ref_cho).detach()
+    rewards_rej = beta * (pi_rej - ref_rej).detach()
+    return {
+        "rewards/chosen": rewards_cho.mean(),
+        "rewards/rejected": rewards_rej.mean(),
+        "rewards/margins": (rewards_cho - rewards_rej).mean(),
+        "rewards/accuracies": (rewards_cho > rewards_rej).float().mean(),
+        "logps/chosen": pi_cho.detach().mean(),
+        "logps/rejected": pi_rej.detach().mean(),
+        "dpo_acc": (pi_cho > pi_rej).float().mean(),
+    }

@@ -1,0 +1,128 @@
+"""Transforms applied to collected hidden states before pooling (SPEC §3.4 "Transforms").
+
+One file per transform (``none``, ``ether``, ``hra``, ``ortho``, ``svd``, ``supr``), one yaml per
+transform in ``conf/transform/``. A yaml names its class with ``_target_`` and ``_partial_: true``;
+`build_transform` instantiates it with Hydra and completes it in one of two ways:
+
+- a per-key module (``none``, ``ether``, ``hra``, ``ortho``): built once per collected key with
+  ``dim=dims[key]``, so each key has its own parameters; ``forward(h: [B, T, d]) -> [B, T, d]``.
+- a `ReprTransform` subclass (``svd``, ``supr``): built once from
+  ``keys, dims, model, collection_mode``, because it reads frozen model tensors (unembedding,
+  final norm) or mixes keys. Frozen model tensors never enter its parameters or its state_dict.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+from collections.abc import Mapping
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from reprpo_pl.errors import UserError
+
+
+class ReprTransform(nn.Module):
+    """Maps collected states to transformed states with the same keys and shapes.
+
+    ``forward(hs, mask)``: ``hs`` is ``{key: [B, T, d_key]}``, ``mask`` ``[B, T]`` bool marks the
+    real completion tokens; returns ``{key: [B, T, d_key]}``.
+    """
+
+    def forward(self, hs: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class PerKeyTransform(ReprTransform):
+    """Applies its own module to each key's states: ``[B, T, d_key] -> [B, T, d_key]``; ignores the mask."""
+
+    def __init__(self, per_key: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.per_key = nn.ModuleDict({module_key(key): module for key, module in per_key.items()})
+
+    def forward(self, hs: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        return {key: self.per_key[module_key(key)](h) for key, h in hs.items()}
+
+
+def module_key(key: str) -> str:
+    """A collection key as an ``nn.ModuleDict`` key (no dots; keys never contain "-", so this is
+    one-to-one): ``"side.12.mlp.down_proj" -> "side-12-mlp-down_proj"``."""
+    return key.replace(".", "-")
+
+
+def transform_names() -> list[str]:
+    """The available transforms: the modules of this package (one file per transform)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def build_transform(
+    cfg: Mapping | DictConfig,
+    keys: list[str],
+    dims: dict[str, int],
+    model: nn.Module,
+    collection_mode: str,
+) -> ReprTransform:
+    """Instantiate the transform described by a ``conf/transform/*.yaml`` config for these keys.
+
+    Args:
+        cfg: ``name`` (one of `transform_names`), ``_target_`` (the class), ``_partial_: true``
+            and the class's hyper-parameters.
+        keys: collection keys, e.g. ``["hs.2", "hs.3"]``.
+        dims: width of each key's states.
+        model: the (possibly peft-wrapped) causal LM the states come from.
+        collection_mode: ``"hs"`` or ``"side"``.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    name = config.pop("name", None)
+    if name not in transform_names():
+        raise UserError(f"unknown transform {name!r}: use one of {', '.join(transform_names())}")
+    if "_target_" not in config or config.get("_partial_") is not True:
+        raise UserError(f"transform {name!r}: the config needs `_target_: <class>` and `_partial_: true` (see conf/transform/{name}.yaml)")
+    make = instantiate(config)
+    if isinstance(make.func, type) and issubclass(make.func, ReprTransform):
+        return make(keys=list(keys), dims=dict(dims), model=model, collection_mode=collection_mode)
+    return PerKeyTransform({key: make(dim=dims[key]) for key in keys})
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The HF ``*ForCausalLM`` under a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unembedding(model: nn.Module) -> Tensor:
+    """The output embedding (lm_head) weight ``[V, d]``, detached."""
+    return unwrap_model(model).get_output_embeddings().weight.detach()
+
+
+def embedding(model: nn.Module) -> Tensor:
+    """The input embedding weight ``[V, d]``, detached."""
+    return unwrap_model(model).get_input_embeddings().weight.detach()
+
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last block's output before the unembedding (Llama/Qwen ``model.norm``,
+    GPT-2 ``transformer.ln_f``, ...), found on the HF base model through peft wrappers."""
+    hf_model = unwrap_model(model)
+    decoder = getattr(hf_model, "base_model", hf_model)
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(decoder, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UserError(
+        f"cannot find the final norm of {type(hf_model).__name__}: expected a submodule of its base model "
+        f"named {' or '.join(_FINAL_NORM_NAMES)}"
+    )
+
+
+def gram(weight: Tensor, chunk_rows: int = 8192) -> Tensor:
+    """``WᵀW`` ``[d, d]`` in float64 for a ``[V, d]`` matrix, accumulated over row chunks (no [V, d] fp64 copy)."""
+    out = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+    for rows in weight.split(chunk_rows):
+        rows = rows.double()
+        out += rows.T @ rows
+    return out

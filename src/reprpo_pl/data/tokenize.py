@@ -1,0 +1,73 @@
+"""Tokenise preference pairs per SPEC §1.4: prompt and completion separately, prompt left-truncated,
+completions right-truncated so prompt + completion ≤ max_length."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar
+from transformers import PreTrainedTokenizerBase
+
+from reprpo_pl.errors import UserError
+
+log = logging.getLogger(__name__)
+disable_progress_bar()  # a bar per tiny map/filter is noise; the log line below says what happened
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_length: int = 256
+    max_prompt_length: int = 128
+    chat_template: bool = True  # GENIES prompt → user turn, completion → assistant turn
+    add_eos: bool = True  # end each completion with eos, as TRL does
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"data.{name}={getattr(self, name)} must be a positive number of tokens")
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(
+                f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length}: "
+                "lower max_prompt_length or raise max_length"
+            )
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
+    """The prompt text the model sees: the chat user turn plus generation prompt, or the raw text."""
+    if chat_template and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TokenizeConfig, name: str = "") -> Dataset:
+    """Map ``prompt/chosen/rejected`` text columns to ``prompt_ids/chosen_ids/rejected_ids`` token lists.
+
+    Counts and logs truncated rows; drops rows whose completions are empty or identical after truncation."""
+    eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+    use_special = not (cfg.chat_template and tokenizer.chat_template)
+
+    def encode(row: dict) -> dict:
+        prompt = tokenizer(format_prompt(tokenizer, row["prompt"], cfg.chat_template), add_special_tokens=use_special)["input_ids"]
+        truncated = len(prompt) > cfg.max_prompt_length
+        prompt = prompt[-cfg.max_prompt_length :]
+        budget = cfg.max_length - len(prompt)
+        out = {"prompt_ids": prompt}
+        for role in ("chosen", "rejected"):
+            ids = tokenizer(row[role], add_special_tokens=False)["input_ids"]
+            ids = ids + eos if ids else ids
+            truncated |= len(ids) > budget
+            out[f"{role}_ids"] = ids[:budget]
+        out["truncated"] = truncated
+        out["keep"] = len(out["chosen_ids"]) > len(eos) and len(out["rejected_ids"]) > len(eos) and out["chosen_ids"] != out["rejected_ids"]
+        return out
+
+    tokenized = pairs.map(encode)
+    n_truncated = sum(tokenized["truncated"])
+    kept = tokenized.filter(lambda keep: keep, input_columns="keep")
+    dropped = len(tokenized) - len(kept)
+    if n_truncated or dropped:
+        log.info("%s: %d/%d rows truncated to max_length=%d; %d dropped (empty or identical completions after truncation)",
+                 name, n_truncated, len(tokenized), cfg.max_length, dropped)
+    return kept.remove_columns(["truncated", "keep"])

@@ -1,0 +1,89 @@
+"""Evaluate preference accuracy on every shift target at epoch end; write results at the end of training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import OmegaConf
+
+from reprpo_pl.data.datamodule import PreferenceDataModule
+from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
+from reprpo_pl.eval.results import write_results
+from reprpo_pl.eval.scorer import RowScores, score_pairs
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None) -> list[dict[str, Any]]:
+    """Score base and adapter on each target's eval set. ``base_cache`` (target → base scores) skips
+    the base pass for targets already scored: the base model never changes during training."""
+    base_cache = {} if base_cache is None else base_cache
+    rows = []
+    for target in datamodule.targets:
+        scores = score_pairs(model, datamodule.eval_dataloader(target.name), with_base=target.name not in base_cache,
+                             desc=f"eval {target.name}")
+        base = base_cache.setdefault(target.name, scores.get("base"))
+        rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"])})
+    return rows
+
+
+def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The results.json document (schema in the README)."""
+    shifts = shift_summary(targets)
+    return {
+        "method": cfg.method.name,
+        "transform": cfg.method.get("uses_transform") and cfg.transform.name or None,
+        "loss": cfg.method.get("uses_loss") and cfg.loss.name or None,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.source,
+        "seed": int(cfg.seed),
+        "n_train": int(cfg.data.n_train),
+        **extra,
+        "objective": objective(shifts),
+        "targets": targets,
+        "shifts": shifts,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+class ShiftEvalCallback(L.Callback):
+    """At each epoch end (every ``every_n_epochs``) evaluate all targets of the source's shift table
+    and log ``eval/<shift>/<target>/<metric>``; at the end of training evaluate once more if the
+    weights changed since, then write results.json/results.md into the trainer's root dir."""
+
+    def __init__(self, every_n_epochs: int = 1, write: bool = True):
+        self.every_n_epochs = every_n_epochs
+        self.write = write
+        self.base_cache: dict[str, RowScores] = {}
+        self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
+        self.results: dict[str, Any] | None = None
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: Any) -> list[dict[str, Any]]:
+        if self.last is not None and self.last[0] == trainer.global_step:
+            return self.last[1]
+        targets = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
+        metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
+                   for k, v in t.items() if isinstance(v, float)}
+        for name, summary in shift_summary(targets).items():
+            metrics.update({f"eval/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.last = (trainer.global_step, targets)
+        return targets
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        targets = self._evaluate(trainer, pl_module)
+        self.results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        if self.write:
+            markdown = write_results(Path(trainer.default_root_dir), self.results)
+            log.info("results written to %s", trainer.default_root_dir)
+            print("\n" + markdown)

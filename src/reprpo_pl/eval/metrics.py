@@ -1,0 +1,53 @@
+"""Preference metrics per target and per shift type (SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from reprpo_pl.eval.scorer import RowScores
+
+SHIFT_ORDER = ("in_domain", "cross_domain", "difficulty", "moral_transfer", "safety", "orthogonal")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def target_metrics(base: RowScores, adapter: RowScores) -> dict[str, Any]:
+    """Accuracy of base and adapter on the same rows, and the adapter-vs-base gains."""
+    acc_base = base.correct.float().mean().item()
+    acc = adapter.correct.float().mean().item()
+    log_ppl_delta = (adapter.log_ppl_cho - base.log_ppl_cho).mean().item()
+    margin_gain = ((adapter.logp_cho - adapter.logp_rej) - (base.logp_cho - base.logp_rej)).mean().item()
+    return {
+        "n": int(base.correct.numel()),
+        "acc_base": acc_base,
+        "acc": acc,
+        "acc_gain_vs_ref": _ratio(acc, acc_base),
+        "perplexity_reduction_vs_ref": math.exp(-log_ppl_delta),
+        "preference_logp_gain_vs_ref": margin_gain,
+        "log_ppl_chosen_delta": log_ppl_delta,  # coherence proxy: 0–2 fine, > 2 likely incoherent
+    }
+
+
+def shift_summary(targets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean of each metric over the targets of every shift type, in SHIFT_ORDER."""
+    out: dict[str, dict[str, Any]] = {}
+    for shift in SHIFT_ORDER:
+        rows = [t for t in targets if t["shift"] == shift]
+        if not rows:
+            continue
+        summary: dict[str, Any] = {"n_targets": len(rows), "n": sum(r["n"] for r in rows)}
+        for key in ("acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref"):
+            values = [r[key] for r in rows if r[key] is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        out[shift] = summary
+    return out
+
+
+def objective(shifts: dict[str, dict[str, Any]], key: str = "acc_gain_vs_ref") -> float:
+    """The sweep objective: mean ``key`` over the shift types other than in_domain (finite float)."""
+    values = [s[key] for name, s in shifts.items() if name != "in_domain" and s.get(key) is not None]
+    value = sum(values) / len(values) if values else 0.0
+    return value if math.isfinite(value) else 0.0

@@ -1,0 +1,59 @@
+"""results.json and results.md: written atomically, so a killed run never leaves one that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from reprpo_pl.eval.metrics import SHIFT_ORDER
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """SPEC §5's two tables: accuracy per shift type, then per target; base first, n per cell."""
+    label = results["method"] + "".join(f"/{results[k]}" for k in ("transform", "loss") if results.get(k))
+    shifts = [s for s in SHIFT_ORDER if s in results["shifts"]]
+    lines = [f"# {label} on {results['model']}, trained on {results['dataset']} (seed {results['seed']}, "
+             f"n_train {results['n_train']}, step {results.get('global_step', '?')})", "",
+             "## Preference accuracy per shift type", "",
+             "| adapter | " + " | ".join(shifts) + " |", "|---" * (len(shifts) + 1) + "|"]
+    for name, key in (("base", "acc_base"), (label, "acc")):
+        cells = [f"{_fmt(results['shifts'][s][key])} (n={results['shifts'][s]['n']})" for s in shifts]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Per target ({results['dataset']})", "",
+              "| target | shift | n | acc_base | acc | acc_gain_vs_ref | perplexity_reduction_vs_ref | preference_logp_gain_vs_ref |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in results["targets"]:
+        lines.append(f"| {t['target']} | {t['shift']} | {t['n']} | {_fmt(t['acc_base'])} | {_fmt(t['acc'])} | "
+                     f"{_fmt(t['acc_gain_vs_ref'])} | {_fmt(t['perplexity_reduction_vs_ref'])} | {_fmt(t['preference_logp_gain_vs_ref'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: str | Path, results: dict[str, Any]) -> str:
+    """Write results.json and results.md into ``run_dir``; returns the markdown."""
+    markdown = render_markdown(results)
+    atomic_write_text(Path(run_dir) / "results.md", markdown)
+    # results.json last: its presence marks a complete run
+    atomic_write_text(Path(run_dir) / "results.json", json.dumps(results, indent=2))
+    return markdown

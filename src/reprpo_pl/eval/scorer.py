@@ -1,0 +1,63 @@
+"""Per-row log-prob statistics for the base model and the adapter in one pass over a dataset (SPEC §5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reprpo_pl.data.collator import concat_pairs
+from reprpo_pl.methods.logprobs import completion_logps
+
+
+@dataclass
+class RowScores:
+    """Per-row statistics, each ``[N]``: summed completion log-probs and token counts."""
+
+    logp_cho: Tensor
+    logp_rej: Tensor
+    n_cho: Tensor
+    n_rej: Tensor
+
+    @property
+    def correct(self) -> Tensor:
+        """``[N]`` bool: per-token-mean log-prob of chosen exceeds rejected's."""
+        return self.logp_cho / self.n_cho > self.logp_rej / self.n_rej
+
+    @property
+    def log_ppl_cho(self) -> Tensor:
+        return -self.logp_cho / self.n_cho
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: getattr(self, k).tolist() for k in ("logp_cho", "logp_rej", "n_cho", "n_rej")}
+
+
+@torch.no_grad()
+def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True, with_base: bool = True,
+                desc: str = "score") -> dict[str, RowScores]:
+    """Score every pair of ``loader`` with the adapter and/or with it disabled, batch by batch.
+
+    Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts: dict[str, list[Tensor]] = {}
+    try:
+        for batch in tqdm(loader, desc=desc, leave=False):
+            inputs = {k: v.to(device) for k, v in concat_pairs(batch).items()}
+            counts = inputs["completion_mask"].sum(-1).float()
+            roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
+            for role in roles:
+                if role == "base":
+                    with model.disable_adapter():
+                        sums = completion_logps(model, inputs).sum(-1)
+                else:
+                    sums = completion_logps(model, inputs).sum(-1)
+                parts.setdefault(role, []).append(torch.stack([*sums.chunk(2), *counts.chunk(2)]).float().cpu())
+    finally:
+        model.train(was_training)
+    return {role: RowScores(*torch.cat(chunks, dim=1)) for role, chunks in parts.items()}

