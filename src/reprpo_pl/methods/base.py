@@ -36,6 +36,7 @@ class PreferenceModule(L.LightningModule):
             raise UserError(f"method.lr={self.method_cfg.lr} must be > 0, e.g. method.lr=5e-5")
         base, self.tokenizer = load_base_model(cfg.model)
         self.model = add_lora(base, cfg.adapter)
+        self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
         self.strict_loading = False  # checkpoints hold only the trainable state
 
     # ---- forward passes -------------------------------------------------------------------

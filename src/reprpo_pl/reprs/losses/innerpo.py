@@ -1,0 +1,44 @@
+"""InnerPO: DPO plus a logistic loss on how much closer chosen stays to the reference than rejected (SPEC §3.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reprpo_pl.methods.dpo_loss import dpo_loss
+from reprpo_pl.reprs.geometry import cosine, key_geometries
+from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
+from reprpo_pl.reprs.pooling import PoolingKind
+from reprpo_pl.reprs.types import ReprBatch
+
+DPO_BETA = 1.0  # SPEC writes the outer term as −logσ(ρ)
+
+
+@dataclass(frozen=True)
+class InnerPOLoss:
+    """``L = −logσ(ρ) + α·mean_K(−logσ(Hθ))`` per pair, then mean over the batch, with
+    ``Hθ = β(cos(h^π_cho, h^ref_cho) − cos(h^π_rej, h^ref_rej))`` ``[B]`` per key.
+ The hidden term rewards the policy's chosen states staying
+    near the reference's and its rejected states moving away from them, in any direction: it does
+    not look at the reference preference direction.
+    """
+
+    pooling: ClassVar[PoolingKind] = "mean"
+    needs_token_deviation: ClassVar[bool] = False
+
+    name: str = "innerpo"
+    alpha: float = 0.1
+    beta: float = 1.0
+
+    def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        theta = torch.stack(
+            [self.beta * (cosine(g.pi_cho, g.ref_cho) - cosine(g.pi_rej, g.ref_rej)) for g in key_geometries(batch)]
+        )  # [K, B]
+        loss_in = (-F.logsigmoid(theta)).mean(0)  # [B]
+        loss_out = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej, beta=DPO_BETA)
+        terms = {"loss/out": loss_out.mean(), "loss/in": loss_in.mean(), "hidden/theta": theta.mean()}
+        return (loss_out + self.alpha * loss_in).mean(), reprpo_diagnostics(batch, DPO_BETA, terms)
