@@ -25,8 +25,11 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"data.{name}={getattr(self, name)} must be a positive number of tokens")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"data.{name}={value!r} must be a positive number of tokens, e.g. data.{name}=256")
+        if not isinstance(self.chat_template, bool):
+            raise UserError(f"data.chat_template={self.chat_template!r} must be true or false")
         if self.max_prompt_length >= self.max_length:
             raise UserError(
                 f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length}: "
@@ -60,9 +63,11 @@ def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Toke
             truncated |= len(ids) > budget
             out[f"{role}_ids"] = ids[:budget]
         out["truncated"] = truncated
-        out["keep"] = len(out["chosen_ids"]) > len(eos) and len(out["rejected_ids"]) > len(eos) and out["chosen_ids"] != out["rejected_ids"]
+        out["keep"] = len(out["chosen_ids"]) > 0 and len(out["rejected_ids"]) > 0 and out["chosen_ids"] != out["rejected_ids"]
         return out
 
+    if len(pairs) == 0:  # map() on an empty dataset adds no columns
+        return pairs.add_column("prompt_ids", []).add_column("chosen_ids", []).add_column("rejected_ids", [])
     tokenized = pairs.map(encode)
     n_truncated = sum(tokenized["truncated"])
     kept = tokenized.filter(lambda keep: keep, input_columns="keep")

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.methods.logprobs import aggregate, completion_logps
+from reprpo_pl.methods.dpo_loss import LOSS_TYPES
+from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps
 from reprpo_pl.models.loading import add_lora, load_base_model
 
 
@@ -34,6 +35,10 @@ class PreferenceModule(L.LightningModule):
         self.method_cfg = cfg.method
         if self.method_cfg.lr <= 0:
             raise UserError(f"method.lr={self.method_cfg.lr} must be > 0, e.g. method.lr=5e-5")
+        if self.method_cfg.agg not in AGGS:
+            raise UserError(f"method.agg={self.method_cfg.agg!r}: use one of {', '.join(AGGS)}")
+        if self.method_cfg.get("loss_type", "sigmoid") not in LOSS_TYPES:
+            raise UserError(f"method.loss_type={self.method_cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
         base, self.tokenizer = load_base_model(cfg.model)
         self.model = add_lora(base, cfg.adapter)
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself

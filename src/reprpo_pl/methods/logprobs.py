@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 Agg = Literal["mean", "sum"]
+AGGS = ("mean", "sum")
 
 
 def token_logps(logits: Tensor, ids: Tensor, mask: Tensor, chunk: int = 4) -> Tensor:
@@ -21,7 +22,7 @@ def token_logps(logits: Tensor, ids: Tensor, mask: Tensor, chunk: int = 4) -> Te
         lg = logits[rows : rows + chunk].float()
         picked = lg.gather(-1, ids[rows : rows + chunk].unsqueeze(-1)).squeeze(-1)
         out.append(picked - torch.logsumexp(lg, dim=-1))
-    return torch.cat(out) * mask
+    return torch.where(mask, torch.cat(out), 0.0)
 
 
 def aggregate(logps: Tensor, mask: Tensor, agg: Agg = "mean") -> Tensor:

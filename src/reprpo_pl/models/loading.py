@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -134,7 +135,7 @@ def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedToke
 
 def add_lora(model: PreTrainedModel, adapter_cfg: Mapping) -> PeftModel:
     """Wrap ``model`` in a trainable LoRA adapter (SPEC §4 defaults come from conf/adapter/lora.yaml)."""
-    cfg = dict(adapter_cfg)
+    cfg = OmegaConf.to_container(adapter_cfg, resolve=True) if isinstance(adapter_cfg, DictConfig) else dict(adapter_cfg)
     cfg.pop("name", None)
     try:
         lora = LoraConfig(task_type="CAUSAL_LM", **cfg)
