@@ -6,9 +6,11 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Callable, TypeVar
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from reprpo_pl.errors import UserError
@@ -17,23 +19,64 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+EXIT_USER_ERROR = 2  # bad config, data or paths: fix the input and rerun
+EXIT_NON_FINITE = 3  # training diverged (NaN/inf loss, gradient or hidden state)
+
 if not OmegaConf.has_resolver("precision"):
     OmegaConf.register_new_resolver("precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true")
 
 
 def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = False) -> T:
-    """Run ``fn``; a `UserError` becomes one line on stderr and exit code 2 (no traceback), and a run
-    directory holding nothing but Hydra's bookkeeping is removed. In a multirun the error is re-raised
-    as a short exception so the launcher/sweeper records the job as failed."""
+    """Run ``fn``; a user-facing error becomes one line ``error: <msg>`` on stderr and a non-zero exit
+    without a traceback: `UserError` → exit 2, a non-finite loss/gradient/hidden state
+    (``NonFiniteError``) → exit 3. A `UserError` raised inside a Hydra ``instantiate`` call (e.g. a loss
+    validating its options) and a config key the instantiated class does not accept count as user
+    errors too. A run directory holding nothing but Hydra's bookkeeping is removed. In a multirun the
+    error is re-raised as a short exception so the launcher/sweeper records the job as failed."""
     try:
         return fn()
-    except UserError as e:
+    except Exception as e:
+        user_error = user_facing_error(e)
+        if user_error is None:
+            raise
         if run_dir is not None:
             _remove_if_empty(run_dir)
-        if multirun:
-            raise UserError(str(e)) from None
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if multirun:  # a fresh exception: no deep traceback in the sweeper's log
+            raise type(user_error)(str(user_error)) from None
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(EXIT_NON_FINITE if _is_non_finite(user_error) else EXIT_USER_ERROR)
+
+
+def user_facing_error(e: BaseException) -> Exception | None:
+    """The error to show the user as one line, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, UserError) or _is_non_finite(e):
+        return e
+    if isinstance(e, InstantiationException):
+        cause = e.__cause__
+        if isinstance(cause, UserError) or (cause is not None and _is_non_finite(cause)):
+            return cause
+        if isinstance(cause, TypeError) and _raised_in_hydra(cause.__traceback__):
+            # the target's signature rejected the config's keys (a typo'd or unknown option)
+            target = str(e).split("'")[1] if str(e).count("'") >= 2 else "a config node"
+            return UserError(f"config for {target} is invalid: {cause}; check the keys of that config group")
+    return None
+
+
+def _is_non_finite(e: BaseException) -> bool:
+    """`reprpo_pl.methods.base.NonFiniteError`, looked up without importing the methods package
+    (an error of that type can only exist once the module is loaded)."""
+    base = sys.modules.get("reprpo_pl.methods.base")
+    non_finite = getattr(base, "NonFiniteError", None)
+    return non_finite is not None and isinstance(e, non_finite)
+
+
+def _raised_in_hydra(tb: TracebackType | None) -> bool:
+    """True when the innermost frame of ``tb`` is Hydra's instantiate code, i.e. the call's arguments
+    were rejected before the target's own code ran."""
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and "hydra" in Path(last.tb_frame.f_code.co_filename).parts
 
 
 def _remove_if_empty(run_dir: Path) -> None:

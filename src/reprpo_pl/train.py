@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from reprpo_pl.config import CONF_DIR, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
@@ -23,6 +26,36 @@ from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 
 log = logging.getLogger(__name__)
+
+
+def _ensure_dir(path: str) -> str:
+    """``${ensure_dir:...}``: create the folder and return its path (the Optuna sweeper opens its sqlite
+    storage in the sweep dir before Hydra's launcher creates that dir)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _optuna_seed(seed: int, storage: str, study_name: str) -> int:
+    """``${optuna_seed:...}``: ``seed`` plus the number of trials already in the study, so a resumed
+    study draws new start-up trials instead of replaying the first run's (same command → same seeds)."""
+    import optuna
+
+    try:
+        return int(seed) + len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except KeyError:  # no such study yet
+        return int(seed)
+
+
+@functools.cache
+def _launch_time(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """``${launch_time:}``: when this process first asked, fixed for all of its jobs (Hydra's ``${now:}`` is
+    re-evaluated for every job of a multirun)."""
+    return datetime.now().strftime(pattern)
+
+
+for _name, _fn in (("ensure_dir", _ensure_dir), ("optuna_seed", _optuna_seed), ("launch_time", _launch_time)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -42,9 +75,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(instantiate(cb_cfg, **kwargs))
     loggers = [instantiate(lg, save_dir=str(run_dir)) for lg in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    failed = True
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        failed = False
+    finally:
+        finish_wandb(failed)
     evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
     return evaluator.results or {}
+
+
+def finish_wandb(failed: bool = False) -> None:
+    """Close the wandb run, if one is open, so the next job of a multirun starts its own (WandbLogger
+    would silently reuse it); a failed job is marked failed. lightning-hydra-template's task_wrapper."""
+    wandb = sys.modules.get("wandb")  # only if a WandbLogger imported it
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -52,8 +98,19 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    results = run_cli(lambda: train(cfg, run_dir), run_dir=run_dir, multirun=multirun)
-    return float(results.get(cfg.optimized_metric, 0.0))
+    return run_cli(lambda: optimized_value(train(cfg, run_dir), cfg.optimized_metric), run_dir=run_dir, multirun=multirun)
+
+
+def optimized_value(results: dict[str, Any], key: str) -> float:
+    """``results[key]`` as the float a sweeper optimises (``objective`` is always finite); NaN when
+    training stopped before writing results (Optuna records that trial as failed)."""
+    if not results:
+        return float("nan")
+    value = results.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        numeric = ", ".join(k for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise UserError(f"optimized_metric={key} is not a number in results.json ({value!r}); use one of: {numeric}")
+    return float(value)
 
 
 if __name__ == "__main__":

@@ -92,11 +92,18 @@ def load_pairs(
             _check_embedded(name, split)
         root = embedded_root("ethics") if ethics_root is None else ethics_root
         pairs = read_ethics_pairs(root, name[len(ETHICS_PREFIX) :], split)
+        path, why = ethics_file(root, name[len(ETHICS_PREFIX) :], split), "empty or identical completions"
     else:
         if genies_root is None:
             _check_embedded(name, split)
         root = embedded_root("genies") if genies_root is None else genies_root
         pairs = read_genies_pairs(root, name, split, seed=seed)
+        path, why = genies_file(root, name, split), "all scores equal, or an empty completion"
+    if len(pairs) == 0:
+        raise UserError(
+            f"{name} ({split}) has no preference pairs: every row of {path} was skipped ({why}; counts in the log) "
+            "or the file is empty — fix the file or pick another distribution"
+        )
     return pairs if n is None else _subset(pairs, n, seed, f"{name}/{split}")
 
 

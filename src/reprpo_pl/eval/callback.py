@@ -49,6 +49,26 @@ def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict
     }
 
 
+TARGET_COLUMNS = ["target", "shift", "n", "acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref",
+                  "preference_logp_gain_vs_ref", "log_ppl_chosen_delta"]
+SHIFT_COLUMNS = ["shift", "n_targets", "n", "acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref",
+                 "preference_logp_gain_vs_ref"]
+
+
+def log_results_tables(loggers: list[Any], results: dict[str, Any]) -> None:
+    """Log the per-target and per-shift tables (``results/targets``, ``results/shifts``) and the
+    objective to every WandbLogger among ``loggers``; other loggers get the scalars from `_evaluate`."""
+    from lightning.pytorch.loggers import WandbLogger  # no wandb import unless that logger is in use
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table("results/targets", columns=TARGET_COLUMNS,
+                             data=[[t.get(c) for c in TARGET_COLUMNS] for t in results["targets"]])
+            logger.log_table("results/shifts", columns=SHIFT_COLUMNS,
+                             data=[[name, *(s.get(c) for c in SHIFT_COLUMNS[1:])] for name, s in results["shifts"].items()])
+            logger.experiment.summary["objective"] = results["objective"]
+
+
 class ShiftEvalCallback(L.Callback):
     """At each epoch end (every ``every_n_epochs``) evaluate all targets of the source's shift table
     and log ``eval/<shift>/<target>/<metric>``; at the end of training evaluate once more if the
@@ -83,6 +103,7 @@ class ShiftEvalCallback(L.Callback):
             return
         targets = self._evaluate(trainer, pl_module)
         self.results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        log_results_tables(trainer.loggers, self.results)
         if self.write:
             markdown = write_results(Path(trainer.default_root_dir), self.results)
             log.info("results written to %s", trainer.default_root_dir)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from reprpo_pl.data.collator import concat_pairs
 from reprpo_pl.errors import UserError
 from reprpo_pl.methods.dpo_loss import LOSS_TYPES
-from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps
+from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps, pack_pairs, supports_packed
+from reprpo_pl.methods.ref_cache import RefCache, reference_fingerprint
 from reprpo_pl.models.loading import add_lora, load_base_model
 
 
@@ -24,7 +26,22 @@ class NonFiniteError(RuntimeError):
 
 class PreferenceModule(L.LightningModule):
     """Base LightningModule. ``cfg`` is the whole composed run config (saved in checkpoints, so
-    ``load_from_checkpoint`` rebuilds the same model); subclasses implement `compute_loss`."""
+    ``load_from_checkpoint`` rebuilds the same model); subclasses implement `compute_loss`.
+
+    ``fast_paths`` (class attribute): the class's `compute_loss` gets its reference outputs through
+    `cached_reference` and reads the forwards only through `pair_logps` (and a `HiddenStateCollector`
+    with `completion_states`), so it may run the packed pair layout (prompt encoded once, see
+    `reprpo_pl.methods.logprobs`) and skip the reference forward for cached examples
+    (`reprpo_pl.methods.ref_cache`). Both change which forwards run and the shapes of module outputs
+    in them, so the flag is NOT inherited: a subclass that hooks modules (ProjGrad, ProjBP) keeps the
+    concat layout and a reference forward every step unless it sets ``fast_paths = True`` itself.
+    """
+
+    fast_paths: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.fast_paths = bool(cls.__dict__.get("fast_paths", False))
 
     def __init__(self, cfg: DictConfig | Mapping[str, Any]):
         super().__init__()
@@ -43,6 +60,9 @@ class PreferenceModule(L.LightningModule):
         self.model = add_lora(base, cfg.adapter)
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
         self.strict_loading = False  # checkpoints hold only the trainable state
+        enabled = bool((cfg.get("ref_cache") or {}).get("enabled", True))
+        self.ref_cache: RefCache | None = RefCache() if enabled and self.fast_paths else None
+        self._in_training_step = False  # the cache is read and filled in training steps only
 
     # ---- forward passes -------------------------------------------------------------------
     @contextmanager
@@ -56,8 +76,40 @@ class PreferenceModule(L.LightningModule):
         finally:
             self.model.train(was_training)
 
+    def pair_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model inputs for a collated batch: `pack_pairs` (prompt encoded once) when this class has
+        ``fast_paths``, the model supports it and ``method.packed_forward`` (default true) is on; else
+        `concat_pairs`. `pair_logps` and `completion_states` accept either."""
+        packed = self.fast_paths and bool(self.method_cfg.get("packed_forward", True)) and supports_packed(self.model)
+        return pack_pairs(batch) if packed else concat_pairs(batch)
+
+    def reference_fingerprint(self) -> str:
+        """What the cached reference outputs depend on besides the example (see `reference_fingerprint`);
+        subclasses add their own settings."""
+        return reference_fingerprint(self.cfg)
+
+    def cached_reference(self, batch: dict[str, Tensor], forward: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``forward()`` run as the reference (under `reference`), or its earlier result for these examples.
+
+        ``forward`` returns per-example tensors (leading dim B, the batch's pairs). In a training step,
+        with the cache on and an ``index`` in the batch, a batch whose examples are all cached skips
+        the reference forward; otherwise the forward runs and its outputs are stored."""
+        cache = self.ref_cache if self._in_training_step and "index" in batch else None
+        if cache is not None:
+            cache.bind(self.reference_fingerprint())
+            cached = cache.lookup(batch["index"], batch["prompt_ids"].device)
+            if cached is not None:
+                cache.hits += 1
+                return cached
+        with self.reference():
+            outputs = forward()
+        if cache is not None:
+            cache.misses += 1
+            cache.store(batch["index"], outputs)
+        return outputs
+
     def pair_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """For a `concat_pairs` batch: aggregated log-probs of chosen and rejected (``[B]`` each, by
+        """For `pair_inputs` (packed or `concat_pairs`): aggregated log-probs of chosen and rejected (``[B]`` each, by
         ``method.agg``) and the per-token-mean NLL of chosen ``[B]`` (a coherence signal)."""
         per_token = completion_logps(self.model, inputs)
         mask = inputs["completion_mask"]
@@ -70,7 +122,11 @@ class PreferenceModule(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.compute_loss(batch)
+        self._in_training_step = True
+        try:
+            loss, metrics = self.compute_loss(batch)
+        finally:
+            self._in_training_step = False
         self.check_finite({"loss": loss, **{k: v for k, v in metrics.items() if k.startswith("loss")}})
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["prompt_ids"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["prompt_ids"].shape[0])

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -84,13 +85,28 @@ def _from_hub(name_or_path: str, dtype: torch.dtype, quantization: Any) -> tuple
             model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_only, **kwargs)
             return model, tokenizer
         except OSError as e:
-            if not local_only or os.environ.get("HF_HUB_OFFLINE") == "1":
+            if not local_only or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_resolvable():
                 raise UserError(
                     f"model.name_or_path={name_or_path} is neither a local folder nor in the HF cache, and the hub "
                     f"cannot be reached ({type(e).__name__}); download it where you have network "
                     f"(`hf download {name_or_path}`) or pass a local folder"
                 ) from None
     raise AssertionError("unreachable")
+
+
+def _hub_resolvable() -> bool:
+    """Whether the hub's host name resolves: without network, fail at once instead of after the hub
+    client's ~25 s of retries (each printed on stderr)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def _quantization(model_cfg: Mapping) -> Any:

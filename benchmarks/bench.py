@@ -1,0 +1,534 @@
+"""Time TRL's DPOTrainer, our `dpo` and our `innerdpo` on identical settings, in one invocation.
+
+    python benchmarks/bench.py                 # = make bench; ~9 min on an idle 2-core machine
+    python benchmarks/bench.py --reps 1 --no-epoch2 --systems trl,dpo   # quicker
+
+Settings (all three systems): SmolLM2-135M-Instruct fp32 on CPU, LoRA r=16 (alpha 16, rsLoRA,
+dropout 0) on every linear layer but lm_head, batch of 4 pairs, max_length 256 (prompt ≤ 160),
+the same 32 GENIES pairs of the embedded math train set, tokenised once by our pipeline (chat
+template) and fed in the same fixed order to every system, AdamW lr 6e-5, gradient clip 10, no
+gradient checkpointing, ``--threads`` torch threads.
+
+- TRL: ``trl.DPOTrainer`` with a peft_config (reference = disabled adapter, one concatenated forward,
+  TRL's fused LM head), driven by its own training loop; the only override skips its tokenisation
+  so it gets our token ids.
+- dpo / innerdpo: our LightningModules through a Lightning Trainer (``training_step``, backward,
+  clipping, AdamW, scheduler, CSV logging), composed from conf/ like ``python -m reprpo_pl.train``
+  (innerdpo: hs collection at layers 0.5:-2, ETHER transform), reference cache on.
+
+Each system runs in its own subprocess, so peak memory is per system: ``ru_maxrss`` of the child
+(peak resident set size, what the OS charged the process: libraries, model, data, activations and
+whatever the allocator keeps). Step time is wall-clock from the start of a step (Lightning
+``on_train_batch_start`` / HF ``on_step_begin``) to the end of its optimiser step.
+
+The pairs are split into ``--reps`` repetitions; in each, every system gets a fresh subprocess on that
+repetition's pairs (``--warmup`` untimed steps, then ``--steps`` timed ones), and the order of the
+systems rotates from one repetition to the next, so a machine whose load drifts (shared CPUs) is
+seen by all systems alike. ``--interleave step`` goes further: the repetition's three subprocesses are
+loaded side by side and take turns one step at a time (needs the memory of all three at once).
+With the reference cache on, our systems go on into a second epoch over the same pairs, and
+``epoch2_over_epoch1`` is the median step time of epoch 2 over epoch 1 on the same batches.
+
+Writes ``benchmarks/results/<date>-<machine>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SYSTEMS = ("trl", "dpo", "innerdpo")
+PROTOCOL_FD_ENV = "REPRPO_BENCH_FD"
+
+
+# ---- parent -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of trl, dpo, innerdpo")
+    p.add_argument("--reps", type=int, default=2, help="repetitions, each with its own pairs and fresh processes")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per repetition")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repetition (epoch 1 = warmup + steps batches)")
+    p.add_argument("--no-epoch2", dest="epoch2", action="store_false", help="skip the second (cached) epoch")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-prompt-length", type=int, default=160)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--interleave", choices=("rep", "step"), default="rep",
+                   help="rep: one subprocess at a time, order rotated per repetition; step: all loaded, one step each in turn")
+    p.add_argument("--profile", action="store_true", help="profile one extra step per system (torch.profiler); tables in results/")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--machine", default=platform.node() or "machine", help="machine name for the results file")
+    p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class Child:
+    """One system's subprocess: a line protocol on a dedicated pipe (its stdout/stderr go to a log file)."""
+
+    def __init__(self, system: str, rep: int, args: argparse.Namespace, log_dir: Path):
+        self.system, self.rep = system, rep
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, PROTOCOL_FD_ENV: str(write_fd), "TOKENIZERS_PARALLELISM": "false"}
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--rep", str(rep), *child_flags(args)]
+        self.log_path = log_dir / f"{system}-{rep}.log"
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,), text=True, cwd=ROOT, env=env,
+        )
+        os.close(write_fd)
+        self.messages = os.fdopen(read_fd, "r")
+        self.steps: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+
+    def receive(self) -> dict[str, Any]:
+        line = self.messages.readline()
+        if not line:
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError(f"bench child {self.system} exited (rc={self.proc.wait()}); log tail:\n{tail}")
+        return json.loads(line)
+
+    def next_event(self) -> dict[str, Any]:
+        """Wait for the child's next message: 'ready' (at the gate before a step) or 'done'."""
+        message = self.receive()
+        if message["event"] == "done":
+            self.final = message
+            self.proc.wait()
+        return message
+
+    def step(self) -> dict[str, Any]:
+        """Let the child run one step (it is at the gate); return its timing message."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        message = self.receive() | {"rep": self.rep}
+        self.steps.append(message)
+        return message
+
+
+def child_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--reps", str(args.reps), "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
+             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+             "--max-prompt-length", str(args.max_prompt_length), "--lora-r", str(args.lora_r)]
+    return flags + ([] if args.epoch2 else ["--no-epoch2"]) + (["--profile"] if args.profile else []) + ["--out", str(args.out)]
+
+
+def run_parent(args: argparse.Namespace) -> dict[str, Any]:
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}: use {', '.join(SYSTEMS)}")
+    started = time.time()
+    load_start = os.getloadavg()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: no orphaned children
+    log_dir = Path(tempfile.mkdtemp(prefix="reprpo-bench-"))
+    print(f"bench: {systems}, interleave={args.interleave}, child logs in {log_dir}", flush=True)
+    children: list[Child] = []
+    try:
+        for rep in range(args.reps):
+            run_repetition(args, rotate(systems, rep), rep, children, log_dir)
+    finally:
+        for child in children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+    return summarise(args, systems, children, load_start, time.time() - started)
+
+
+def rotate(items: list[str], k: int) -> list[str]:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def run_repetition(args: argparse.Namespace, order: list[str], rep: int, children: list[Child], log_dir: Path) -> None:
+    """One repetition: each system's subprocess in turn (rep), or all of them taking turns per step (step)."""
+    if args.interleave == "rep":
+        for s in order:
+            child = Child(s, rep, args, log_dir)
+            children.append(child)
+            while child.next_event()["event"] == "ready":
+                report_step(child.step())
+        return
+    batch = {s: Child(s, rep, args, log_dir) for s in order}
+    children.extend(batch.values())
+    pending = {s: c.next_event() for s, c in batch.items()}  # all loaded and at the gate
+    round_ = 0
+    while any(m["event"] == "ready" for m in pending.values()):
+        for s in rotate(order, round_):
+            if pending[s]["event"] == "ready":
+                report_step(batch[s].step())
+                pending[s] = batch[s].next_event()
+        round_ += 1
+
+
+def report_step(m: dict[str, Any]) -> None:
+    tag = f"epoch {m['epoch'] + 1}" + ("" if m["timed"] else ", warm-up position")
+    print(f"  rep {m['rep']} {m['system']:>8} step {m['step']:>2} ({tag}): {m['seconds']:6.2f} s   load {m['loadavg'][0]:.2f}", flush=True)
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(args: argparse.Namespace, systems: list[str], children: list[Child], load_start: tuple, wall: float) -> dict[str, Any]:
+    per_epoch = args.warmup + args.steps
+    out: dict[str, Any] = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": args.machine,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions(),
+        "settings": {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "device": "cpu", "dtype": "float32",
+            "lora": {"r": args.lora_r, "alpha": 16, "rslora": True, "dropout": 0.0, "targets": "all-linear"},
+            "batch_pairs": args.batch_size, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+            "pairs": args.reps * per_epoch * args.batch_size, "repetitions": args.reps, "data": "embedded GENIES math/train, our tokenisation (chat template)",
+            "threads": args.threads, "warmup_steps_per_rep": args.warmup, "timed_steps_per_rep": args.steps,
+            "gradient_checkpointing": False, "interleave": args.interleave,
+            "memory": "peak RSS = ru_maxrss of each system's own subprocess (whole process: libraries, model, data)",
+            "innerdpo": "collection hs, layers 0.5:-2, transform ether, loss innerdpo defaults",
+        },
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_seconds": round(wall, 1),
+        "systems": {},
+    }
+    for s in systems:
+        runs = [c for c in children if c.system == s]
+        steps = [m for c in runs for m in c.steps]
+        epoch1 = [m["seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
+        epoch1_cpu = [m["cpu_seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
+        timed = {(m["rep"], m["position"]) for m in steps if m["epoch"] == 0 and m["timed"]}
+        epoch2 = [m["seconds"] for m in steps if m["epoch"] == 1 and (m["rep"], m["position"]) in timed]
+        epoch2_cpu = [m["cpu_seconds"] for m in steps if m["epoch"] == 1 and (m["rep"], m["position"]) in timed]
+        median = median_or_none(epoch1)
+        finals = [c.final for c in runs if c.final]
+        entry = {
+            "median_step_s": median,
+            "pairs_per_s": args.batch_size / median if median else None,
+            "median_step_cpu_s": median_or_none(epoch1_cpu),
+            "peak_rss_gb": max((f["peak_rss_gb"] for f in finals), default=None),
+            "rss_before_first_step_gb": max((f["rss_before_first_step_gb"] for f in finals), default=None),
+            "peak_rss_gb_per_rep": [f["peak_rss_gb"] for f in finals],
+            "step_s": [round(m["seconds"], 3) for m in steps],
+            "step_cpu_s": [round(m["cpu_seconds"], 3) for m in steps],
+            "step_rep": [m["rep"] for m in steps],
+            "step_epoch": [m["epoch"] for m in steps],
+            "step_timed": [m["timed"] for m in steps],
+            "step_loadavg_1min": [round(m["loadavg"][0], 2) for m in steps],
+            "ref_cache": [f.get("ref_cache") for f in finals] if s != "trl" else None,
+        }
+        if epoch2:
+            entry["epoch2_median_step_s"] = statistics.median(epoch2)
+            entry["epoch2_over_epoch1"] = statistics.median(epoch2) / median
+            entry["epoch2_median_step_cpu_s"] = statistics.median(epoch2_cpu)
+            entry["epoch2_over_epoch1_cpu"] = statistics.median(epoch2_cpu) / entry["median_step_cpu_s"]
+        out["systems"][s] = entry
+    sys_ = out["systems"]
+
+    def ratio(a: str, b: str, key: str = "median_step_s") -> float | None:
+        if a in sys_ and b in sys_ and sys_[a].get(key) and sys_[b].get(key):
+            return sys_[a][key] / sys_[b][key]
+        return None
+
+    out["dpo_vs_trl"] = ratio("dpo", "trl")
+    out["innerdpo_vs_dpo"] = ratio("innerdpo", "dpo")
+    out["innerdpo_vs_trl"] = ratio("innerdpo", "trl")
+    # process CPU time per step (all threads): less sensitive than wall time to other jobs on a shared machine
+    out["dpo_vs_trl_cpu"] = ratio("dpo", "trl", "median_step_cpu_s")
+    out["innerdpo_vs_dpo_cpu"] = ratio("innerdpo", "dpo", "median_step_cpu_s")
+    out["memory_dpo_vs_trl"] = ratio("dpo", "trl", "peak_rss_gb")
+    out["memory_innerdpo_vs_trl"] = ratio("innerdpo", "trl", "peak_rss_gb")
+    out["epoch2_over_epoch1"] = {s: sys_[s].get("epoch2_over_epoch1") for s in systems if s != "trl"}
+    peak_ok = [out[k] <= 1.0 for k in ("memory_dpo_vs_trl", "memory_innerdpo_vs_trl") if out[k] is not None]
+    out["targets"] = {
+        "dpo_vs_trl <= 0.75": None if out["dpo_vs_trl"] is None else out["dpo_vs_trl"] <= 0.75,
+        "innerdpo_vs_dpo <= 1.15": None if out["innerdpo_vs_dpo"] is None else out["innerdpo_vs_dpo"] <= 1.15,
+        "peak memory <= trl": all(peak_ok) if peak_ok else None,
+    }
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    sys_ = result["systems"]
+    base = sys_.get("trl", {})
+
+    def x(value: float | None, ref: float | None) -> str:
+        return f"{value / ref:.2f}×" if value and ref else "–"
+
+    def f(value: float | None, fmt: str) -> str:
+        return format(value, fmt) if value is not None else "–"
+
+    lines = [
+        "| system | s/step (median) | × TRL | pairs/s | × TRL | CPU s/step | × TRL | peak RSS (GB) | × TRL | epoch-2 s/step | epoch 2 / epoch 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in sys_.items():
+        lines.append(
+            f"| {name} | {f(s['median_step_s'], '.2f')} | {x(s['median_step_s'], base.get('median_step_s'))} "
+            f"| {f(s['pairs_per_s'], '.3f')} | {x(s['pairs_per_s'], base.get('pairs_per_s'))} "
+            f"| {f(s['median_step_cpu_s'], '.1f')} | {x(s['median_step_cpu_s'], base.get('median_step_cpu_s'))} "
+            f"| {f(s['peak_rss_gb'], '.2f')} | {x(s['peak_rss_gb'], base.get('peak_rss_gb'))} "
+            f"| {f(s.get('epoch2_median_step_s'), '.2f')} | {f(s.get('epoch2_over_epoch1'), '.2f')} |"
+        )
+    ratios = ", ".join(f"{k} = {result[k]:.3f}" for k in ("dpo_vs_trl", "innerdpo_vs_dpo", "dpo_vs_trl_cpu", "innerdpo_vs_dpo_cpu")
+                       if result.get(k) is not None)
+    load = f"load average {result['loadavg_start'][0]:.2f} → {result['loadavg_end'][0]:.2f} (1 min)"
+    return "\n".join(lines) + f"\n\n{ratios}; {load}; {result['cpu']}, {result['settings']['threads']} threads"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "lightning", "trl"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        run_child(args)
+        return
+    result = run_parent(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine)
+    path = args.out / f"{dt.date.today().isoformat()}-{machine}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + table(result))
+    print(f"\ntargets: {result['targets']}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+# ---- child --------------------------------------------------------------------------------------
+
+
+class Gate:
+    """The child's side of the protocol: 'ready' then wait for 'go' before a step; timing after it."""
+
+    def __init__(self, system: str, warmup: int, steps_per_epoch: int, total_steps: int):
+        self.system, self.warmup, self.per_epoch, self.total = system, warmup, steps_per_epoch, total_steps
+        self.out = os.fdopen(int(os.environ[PROTOCOL_FD_ENV]), "w", buffering=1)
+        self.count = 0
+        self.rss_before: float | None = None
+        self.started = self.cpu_started = 0.0
+
+    def send(self, **message: Any) -> None:
+        self.out.write(json.dumps(message) + "\n")
+
+    def begin(self) -> None:
+        if self.rss_before is None:
+            import psutil
+
+            self.rss_before = psutil.Process().memory_info().rss / 1e9
+        self.send(event="ready")
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("bench parent went away")
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def end(self) -> None:
+        seconds, cpu = time.perf_counter() - self.started, time.process_time() - self.cpu_started
+        epoch, position = divmod(self.count, self.per_epoch)
+        self.send(event="step", system=self.system, step=self.count, epoch=epoch, position=position,
+                  timed=position >= self.warmup, seconds=seconds, cpu_seconds=cpu, loadavg=os.getloadavg())
+        self.count += 1
+
+    def done(self, **extra: Any) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
+        self.send(event="done", peak_rss_gb=round(peak, 3), rss_before_first_step_gb=round(self.rss_before or 0, 3), **extra)
+
+
+def bench_config(system: str, args: argparse.Namespace, epochs: int):
+    from hydra import compose, initialize_config_dir
+
+    from reprpo_pl.config import CONF_DIR
+
+    method = {"trl": "dpo"}.get(system, system)
+    overrides = [
+        f"method={method}", "transform=ether", "model=smollm2_135m", "dataset=math",
+        f"adapter.r={args.lora_r}", "adapter.lora_alpha=16", "adapter.lora_dropout=0.0",
+        f"data.n_train={2 * args.reps * (args.warmup + args.steps) * args.batch_size}",  # spare rows: tokenisation drops a few f"data.batch_size={args.batch_size}",
+        f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
+        "method.lr=6e-5", f"trainer.max_epochs={epochs}", "ref_cache.enabled=true",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def bench_pairs(cfg, tokenizer, args: argparse.Namespace):
+    """This repetition's pairs: from the first reps·(warmup+steps)·batch training pairs that survive our
+    tokenisation, in one fixed shuffled order (the same for every system), the rep-th slice."""
+    import torch
+
+    from reprpo_pl.data.datamodule import PreferenceDataModule
+
+    dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
+    dm.tokenizer = tokenizer
+    dm.setup()
+    order = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(0)).tolist()
+    per_rep = (args.warmup + args.steps) * args.batch_size
+    if len(order) < args.reps * per_rep:
+        raise SystemExit(f"only {len(order)} pairs survive tokenisation, {args.reps * per_rep} needed: raise --max-length")
+    return dm, dm.train_set.select(order[args.rep * per_rep : (args.rep + 1) * per_rep])
+
+
+def run_child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.dup2(2, 1)  # library prints go to the log, never into the protocol
+    per_epoch = args.warmup + args.steps
+    epochs = 2 if args.epoch2 and args.child != "trl" else 1
+    gate = Gate(args.child, args.warmup, per_epoch, per_epoch * epochs)
+    cfg = bench_config(args.child, args, epochs)
+    if args.child == "trl":
+        extra = run_trl(cfg, args, gate, per_epoch)
+    else:
+        extra = run_ours(cfg, args, gate, epochs)
+    gate.done(**extra)
+
+
+def profiled(args: argparse.Namespace, system: str):
+    """A context that profiles one step and writes the op table to results/ (or does nothing)."""
+    from contextlib import nullcontext
+
+    if not args.profile:
+        return nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    class Profiled:
+        def __enter__(self):
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+        def __exit__(self, *exc):
+            self.prof.__exit__(*exc)
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"{dt.date.today().isoformat()}-{args.machine}-profile-{system}.txt"
+            path.write_text(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    return Profiled()
+
+
+def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str, Any]:
+    import lightning as L
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    L.seed_everything(cfg.seed, workers=True)
+    module = get_class(cfg.method._target_)(cfg)
+    dm, train = bench_pairs(cfg, module.tokenizer, args)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=False, collate_fn=dm.collator)
+    extra_profile_step = args.profile and args.rep == args.reps - 1
+
+    class Timing(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if gate.count < gate.total:
+                gate.begin()
+            else:
+                self.prof = profiled(args, args.child)
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if gate.count < gate.total:
+                gate.end()
+            else:
+                self.prof.__exit__(None, None, None)
+
+    tmp = tempfile.mkdtemp(prefix=f"bench-{args.child}-")
+    max_steps = gate.total + (1 if extra_profile_step else 0)
+    trainer = instantiate(
+        cfg.trainer, default_root_dir=tmp, callbacks=[Timing()], logger=CSVLogger(tmp), enable_checkpointing=False,
+        enable_progress_bar=False, max_epochs=epochs + (1 if extra_profile_step else 0), max_steps=max_steps,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    cache = module.ref_cache
+    return {"ref_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "examples": len(cache), "bytes": cache.nbytes}}
+
+
+def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[str, Any]:
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from reprpo_pl.models.loading import convert_gguf
+
+    folder = convert_gguf(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    _, train = bench_pairs(cfg, tokenizer, args)
+    train = train.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+
+    class OurTokens(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already tokenised by our pipeline: identical token ids for every system
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if gate.count < gate.total:
+                gate.begin()
+            else:
+                self.prof = profiled(args, "trl")
+                self.prof.__enter__()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if gate.count < gate.total:
+                gate.end()
+            else:
+                self.prof.__exit__(None, None, None)
+
+    tmp = tempfile.mkdtemp(prefix="bench-trl-")
+    config = trl.DPOConfig(
+        output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_steps=gate.total + (1 if args.profile and args.rep == args.reps - 1 else 0), learning_rate=float(cfg.method.lr),
+        lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=10.0, weight_decay=0.0,
+        beta=0.1, loss_type=["sigmoid"], max_length=args.max_length, bf16=False, use_cpu=True,
+        gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        train_sampling_strategy="sequential", seed=int(cfg.seed), disable_dropout=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
+                      target_modules="all-linear")
+    trainer = OurTokens(model=model, args=config, processing_class=tokenizer, train_dataset=train, peft_config=lora,
+                        callbacks=[Timing()])
+    trainer.train()
+    return {}
+
+
+if __name__ == "__main__":
+    main()

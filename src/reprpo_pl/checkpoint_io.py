@@ -1,0 +1,95 @@
+"""Checkpoint files that are never half-written, and a clear error for a bad ``ckpt_path``.
+
+Lightning's `TorchCheckpointIO` writes the checkpoint to a temporary file in the *system* temp dir and
+moves it into place. The move is a rename only when that dir is on the same filesystem as the run;
+otherwise (``/tmp`` on local disk or tmpfs, runs on a network filesystem: the usual cluster layout)
+it is a copy straight into ``last.ckpt``, so a run killed during the copy leaves a truncated
+checkpoint, and the whole checkpoint passes through ``/tmp`` (RAM, for tmpfs) first.
+`AtomicCheckpointIO` writes beside the target and renames, which is atomic on POSIX filesystems.
+Wire it with ``plugins: [{_target_: reprpo_pl.checkpoint_io.AtomicCheckpointIO}]`` in the trainer config.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from reprpo_pl.errors import UserError
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _local(path: Any) -> Path:
+    return Path(str(path).removeprefix("file://"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, fsync, then rename it into place; a
+    stale temporary of the same target (from a killed run) is removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint file ``path`` as a Path, or a UserError naming the problem and the fix."""
+    local = _local(path)
+    if not local.exists():
+        siblings = sorted(p.name for p in local.parent.glob("*.ckpt")) if local.parent.is_dir() else []
+        hint = f" ({local.parent} holds {', '.join(siblings)})" if siblings else ""
+        raise UserError(f"ckpt_path={path} does not exist{hint}: point it at a run's checkpoints/last.ckpt, or drop ckpt_path to start afresh")
+    if not local.is_file():
+        raise UserError(f"ckpt_path={path} is a directory: point it at a checkpoint file such as {local / 'last.ckpt'}")
+    return local
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` with an atomic local save (`atomic_torch_save`) and a load that turns a
+    missing or unreadable file into a one-line `UserError`. Remote paths (``s3://`` …) keep Lightning's
+    behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, _local(path))
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Optional[Callable] = lambda storage, loc: storage,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        local = check_checkpoint_path(path)
+        try:
+            checkpoint = super().load_checkpoint(local, map_location=map_location, weights_only=weights_only)
+        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+            raise UserError(
+                f"ckpt_path={path} cannot be read as a checkpoint ({type(e).__name__}): the file is truncated or not "
+                "a Lightning .ckpt; use another checkpoint of the run or drop ckpt_path to start afresh"
+            ) from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise UserError(f"ckpt_path={path} holds no Lightning checkpoint (no 'state_dict'): point it at a run's checkpoints/last.ckpt")
+        return checkpoint

@@ -1,0 +1,6 @@
+"""``python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt>``: see `reprpo_pl.eval.from_checkpoint`."""
+
+from reprpo_pl.eval.from_checkpoint import main
+
+if __name__ == "__main__":
+    main()

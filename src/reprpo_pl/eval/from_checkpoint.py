@@ -1,0 +1,188 @@
+"""Evaluate a saved adapter on a shift table: rebuild the module from the config stored in its
+checkpoint, load the trainable state, score base vs adapter, write results.json + results.md.
+
+    python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt> [dataset=<source>] [targets=[a,b]] [eval.n_samples=N]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from reprpo_pl.config import CONF_DIR, run_cli
+from reprpo_pl.data.datamodule import PreferenceDataModule
+from reprpo_pl.errors import UserError
+from reprpo_pl.eval.callback import build_results, evaluate_targets
+from reprpo_pl.eval.results import write_results
+
+log = logging.getLogger(__name__)
+
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+
+def checkpoint_file(ckpt_path: Any) -> Path:
+    """The .ckpt file named by ``ckpt_path``: the file itself, or ``<run dir>/checkpoints/last.ckpt``."""
+    if ckpt_path is None or str(ckpt_path).strip() == "":
+        raise UserError("ckpt_path is required: pass a training run dir or its .ckpt file, e.g. ckpt_path=outputs/<date>/<time>")
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        if not (path / LAST_CKPT).is_file():
+            raise UserError(f"ckpt_path={ckpt_path}: the directory has no {LAST_CKPT}; pass a .ckpt file or a training run dir")
+        return path / LAST_CKPT
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path} does not exist")
+    return path
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """``<run>/checkpoints/x.ckpt`` → ``<run>``; any other file → its folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _eval_root(ckpt_path: Any) -> str:
+    """Resolver for conf/eval.yaml's default out_dir: ``<run dir>/eval``, or ``outputs/eval`` when
+    ckpt_path names nothing (the task then fails with a one-line error and the empty dir is removed)."""
+    try:
+        return str(run_dir_of(checkpoint_file(ckpt_path)) / "eval")
+    except UserError:
+        return "outputs/eval"
+
+
+if not OmegaConf.has_resolver("reprpo_eval_root"):
+    OmegaConf.register_new_resolver("reprpo_eval_root", _eval_root)
+
+
+def load_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint dict, checked to hold ``state_dict`` and ``hyper_parameters.cfg``."""
+    try:
+        # weights_only: our checkpoints hold tensors and plain containers only, so no pickled code runs
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, …
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"ckpt_path={ckpt}: cannot read the checkpoint ({type(e).__name__}: {reason[:160]}); "
+                        "the file is corrupt or incomplete") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping) \
+            or "cfg" not in (checkpoint.get("hyper_parameters") or {}):
+        raise UserError(f"ckpt_path={ckpt} is not a reprpo_pl checkpoint (it lacks state_dict or hyper_parameters.cfg)")
+    return checkpoint
+
+
+def _label(cfg: DictConfig) -> str:
+    return f"{cfg.method.name} on {cfg.model.name}"
+
+
+def check_requested(cfg: DictConfig, request: DictConfig, ckpt: Path) -> None:
+    """``method=`` / ``model=`` on the command line (config groups, as in training) must match the checkpoint's."""
+    for key, stored in (("method", cfg.method.name), ("model", cfg.model.name)):
+        wanted = (request.get(key) or {}).get("name")
+        if wanted is not None and str(wanted) != stored:
+            raise UserError(f"ckpt_path={ckpt} was trained with method={cfg.method.name} model={cfg.model.name}, "
+                            f"not {key}={wanted}: drop {key}= or pass a {key}={wanted} checkpoint")
+
+
+def select_targets(dataset: DictConfig, targets: Any) -> tuple[DictConfig, list[str] | None]:
+    """``dataset`` with only the requested targets (plus its in-domain one, which the shift-table parser
+    requires), and the requested names (None = all). A bare name takes its shift from the table."""
+    if targets is None:
+        return dataset, None
+    if isinstance(targets, str):
+        targets = [targets]
+    table = {t["name"]: t["shift"] for t in dataset.targets}
+    wanted: dict[str, str] = {}
+    for item in targets:
+        if isinstance(item, Mapping):
+            name, shift = item.get("name"), item.get("shift")
+        else:
+            name, shift = str(item), table.get(str(item))
+            if shift is None:
+                raise UserError(f"targets: {name} is not in {dataset.source}'s shift table ({', '.join(table)}); "
+                                f"give its shift, e.g. targets=[{{name:{name},shift:cross_domain}}]")
+        wanted[str(name)] = shift
+    in_domain = [{"name": n, "shift": s} for n, s in table.items() if s == "in_domain" and n not in wanted]
+    selected = copy.deepcopy(dataset)
+    selected.targets = in_domain + [{"name": n, "shift": s} for n, s in wanted.items()]
+    return selected, list(wanted)
+
+
+def eval_config(stored: Mapping[str, Any], request: DictConfig) -> DictConfig:
+    """The run's config with the evaluation overrides of ``request`` (conf/eval.yaml) applied."""
+    cfg = OmegaConf.create(dict(stored))
+    if request.get("dataset") is not None:
+        cfg.dataset = request.dataset
+    for group in ("eval", "data"):
+        for key, value in (request.get(group) or {}).items():
+            if value is not None:
+                cfg[group][key] = value
+    return cfg
+
+
+def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path) -> Any:
+    """Instantiate ``cfg.method._target_`` and load the checkpoint's trainable state into it."""
+    try:
+        module_cls = get_class(cfg.method._target_)
+    except ImportError:
+        raise UserError(f"ckpt_path={ckpt}: method._target_={cfg.method._target_} cannot be imported; "
+                        "the checkpoint comes from another version of reprpo_pl") from None
+    module = module_cls(cfg)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    absent = sorted(trainable - set(state))
+    try:
+        _, unexpected = module.load_state_dict(dict(state), strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: "
+                        f"{str(e).splitlines()[-1].strip()[:200]}") from None
+    if absent or unexpected:
+        names = (absent or unexpected)[:3]
+        raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: "
+                        f"{len(absent)} trainable tensors missing, {len(unexpected)} unexpected (e.g. {', '.join(names)})")
+    return module
+
+
+def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Score the checkpoint named by ``request.ckpt_path`` and write results into ``out_dir``."""
+    ckpt = checkpoint_file(request.get("ckpt_path"))
+    checkpoint = load_checkpoint(ckpt)
+    trained = OmegaConf.create(checkpoint["hyper_parameters"]["cfg"])
+    check_requested(trained, request, ckpt)
+    cfg = eval_config(checkpoint["hyper_parameters"]["cfg"], request)
+    dataset, names = select_targets(cfg.dataset, request.get("targets"))
+    # read (and validate) the data before the model loads. The datamodule also reads n_train training
+    # rows, unused here; fewer could all be dropped by tokenisation, which the datamodule rejects.
+    datamodule = PreferenceDataModule(cfg.data, dataset, cfg.eval)
+    if names is not None:  # drop the in-domain target if it was only added for the parser
+        datamodule.targets = [t for t in datamodule.targets if t.name in names]
+        datamodule.eval_text = {n: rows for n, rows in datamodule.eval_text.items() if n in names}
+    module = build_module(cfg, checkpoint["state_dict"], ckpt)
+    if torch.cuda.is_available():
+        module.cuda()
+    datamodule.tokenizer = module.tokenizer
+    datamodule.setup("validate")
+    log.info("evaluating %s (step %s) on %d targets of %s", ckpt, checkpoint.get("global_step"), len(datamodule.targets), dataset.source)
+    targets = evaluate_targets(module.model, datamodule)
+    results = build_results(cfg, targets, global_step=checkpoint.get("global_step"))
+    # `dataset` stays the training source (what the adapter learned); `evaluated_on` names the table used
+    results.update(dataset=trained.dataset.source, evaluated_on=dataset.source, checkpoint=str(ckpt.resolve()))
+    markdown = write_results(out_dir, results)
+    log.info("results written to %s", out_dir)
+    print("\n" + markdown)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run_cli(lambda: evaluate_checkpoint(cfg, out_dir), run_dir=out_dir)
+    finally:  # a failed evaluation leaves no empty <run dir>/eval (or outputs/eval) behind
+        for parent in (out_dir.parent, out_dir.parent.parent):
+            if parent.name in ("eval", "outputs") and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+    return float(results["objective"])

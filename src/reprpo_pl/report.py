@@ -1,0 +1,285 @@
+"""Aggregate the results.json of many runs: mean ± 95% CI over seeds, per method and shift type.
+
+    python -m reprpo_pl.report multirun/<date>/<time> [more dirs or results.json files…] [--out DIR] [--metric acc]
+
+Writes report.md (per-shift table, objective, per-target table) and report.png (bar chart with CI
+error bars) into --out (default: the first input dir) and prints the per-shift table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+from reprpo_pl.config import run_cli
+from reprpo_pl.errors import UserError
+from reprpo_pl.eval.metrics import SHIFT_ORDER
+from reprpo_pl.eval.results import atomic_write_text
+
+METRICS = ("acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
+BASE_KEY = {"acc": "acc_base"}  # metrics with a base-model counterpart get a `base` row
+IGNORED_CONFIG_KEYS = {"seed", "ckpt_path"}  # differences that are expected within a group
+
+
+# ---- finding runs ---------------------------------------------------------------------------
+def find_results(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """results.json files below ``inputs``, and the Hydra job dirs (holding ``.hydra/``) without one.
+
+    A dir with results.json is a run: its subfolders (e.g. ``eval/<time>`` re-evaluations) are not
+    searched, so each run counts once; pass such a folder itself to include it."""
+    found: list[Path] = []
+    skipped: list[Path] = []
+
+    def walk(d: Path) -> None:
+        if (d / "results.json").is_file():
+            found.append(d / "results.json")
+            return
+        is_job = (d / ".hydra").is_dir()
+        if is_job:
+            skipped.append(d)  # failed, killed, or still running
+        for child in sorted(p for p in d.iterdir() if p.is_dir()):
+            if child.name.startswith(".") or child.name in ("checkpoints", "wandb") or (is_job and child.name == "eval"):
+                continue
+            walk(child)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.name == "results.json":
+            found.append(path)
+        elif path.is_dir():
+            walk(path)
+        else:
+            raise UserError(f"{item} is neither a directory nor a results.json file")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique, skipped
+
+
+def label_of(results: dict[str, Any]) -> str:
+    """``method[/transform][/loss]``, as in results.md."""
+    return results["method"] + "".join(f"/{results[k]}" for k in ("transform", "loss") if results.get(k))
+
+
+def load_runs(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Parsed results documents (with ``_path`` and ``_label`` added), and the unreadable files."""
+    runs, bad = [], []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+            doc["_label"] = label_of(doc)
+            doc["_path"] = str(f.parent)
+            runs.append(doc)
+        except (OSError, ValueError, KeyError, TypeError):
+            bad.append(f)
+    return runs, bad
+
+
+# ---- statistics -----------------------------------------------------------------------------
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
+    """``(mean, half-width, n)``: Student-t interval ``mean ± t_{(1+c)/2, n−1}·s/√n`` with the sample
+    standard deviation s (ddof=1). The half-width is NaN for n < 2; the mean is NaN for n = 0."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
+    return float(x.mean()), float(half), n
+
+
+def fmt_cell(mean: float, half: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    if math.isnan(half):
+        return f"{mean:.3f} (n={n})"
+    return f"{mean:.3f} ± {half:.3f} (n={n})"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: json.dumps(d, sort_keys=True)}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Config keys (other than the seed) whose values differ between ``runs``: these runs are pooled
+    as if they were seeds of one setting, which they are not (e.g. the trials of an Optuna sweep)."""
+    flat = [_flatten(r.get("config") or {}) for r in runs]
+    keys = set().union(*flat) if flat else set()
+    return sorted(k for k in keys if k not in IGNORED_CONFIG_KEYS and len({f.get(k) for f in flat}) > 1)
+
+
+# ---- tables -----------------------------------------------------------------------------------
+class Section:
+    """The runs of one model trained on one source, grouped by label (insertion order kept)."""
+
+    def __init__(self, model: str, dataset: str, runs: list[dict[str, Any]]):
+        self.model, self.dataset = model, dataset
+        self.groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for run in runs:
+            self.groups[run["_label"]].append(run)
+        self.runs = runs
+        self.shifts = [s for s in SHIFT_ORDER if any(s in r["shifts"] for r in runs)]
+        targets: dict[str, str] = {}
+        for run in runs:
+            for t in run["targets"]:
+                targets.setdefault(t["target"], t["shift"])
+        order = {s: i for i, s in enumerate(SHIFT_ORDER)}
+        self.targets = sorted(targets.items(), key=lambda kv: order.get(kv[1], len(order)))
+
+    @property
+    def title(self) -> str:
+        return f"{self.model}, trained on {self.dataset}"
+
+    def shift_stats(self, metric: str, confidence: float) -> dict[str, dict[str, tuple[float, float, int]]]:
+        """``{row label: {shift: (mean, half, n)}}``, ``base`` first when the metric has one."""
+        rows: dict[str, list[dict[str, Any]]] = {}
+        table: dict[str, dict[str, tuple[float, float, int]]] = {}
+        if metric in BASE_KEY:
+            rows["base"] = self.runs
+        rows.update(self.groups)
+        for label, runs in rows.items():
+            key = BASE_KEY[metric] if label == "base" else metric
+            table[label] = {s: mean_ci([r["shifts"][s].get(key) for r in runs if s in r["shifts"]], confidence)
+                            for s in self.shifts}
+        return table
+
+    def target_stats(self, metric: str, confidence: float) -> dict[str, dict[str, tuple[float, float, int]]]:
+        """``{target: {row label: (mean, half, n)}}``."""
+        rows = ({"base": self.runs} if metric in BASE_KEY else {}) | dict(self.groups)
+        out: dict[str, dict[str, tuple[float, float, int]]] = {}
+        for target, _ in self.targets:
+            out[target] = {}
+            for label, runs in rows.items():
+                key = BASE_KEY[metric] if label == "base" else metric
+                values = [t.get(key) for r in runs for t in r["targets"] if t["target"] == target]
+                out[target][label] = mean_ci(values, confidence)
+        return out
+
+
+def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by[(str(run.get("model")), str(run.get("dataset")))].append(run)
+    return [Section(model, dataset, rs) for (model, dataset), rs in by.items()]
+
+
+def shift_table(section: Section, metric: str, confidence: float) -> str:
+    stats_ = section.shift_stats(metric, confidence)
+    lines = ["| adapter | " + " | ".join(section.shifts) + " |", "|---" * (len(section.shifts) + 1) + "|"]
+    for label, cells in stats_.items():
+        lines.append(f"| {label} | " + " | ".join(fmt_cell(*cells[s]) for s in section.shifts) + " |")
+    return "\n".join(lines)
+
+
+def render_report(sections: Sequence[Section], metric: str, confidence: float, n_skipped: int) -> str:
+    pct = f"{confidence:.0%}"
+    n_runs = sum(len(s.runs) for s in sections)
+    lines = ["# Report", "",
+             f"{n_runs} runs; cells are mean ± {pct} CI half-width (Student t over seeds), n = runs. "
+             f"{n_skipped} run dirs without results.json skipped.", ""]
+    for section in sections:
+        lines += [f"## {section.title}", "", f"### {metric} per shift type", "", shift_table(section, metric, confidence), ""]
+        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts)", "", "| adapter | objective | seeds |",
+                  "|---|---|---|"]
+        for label, runs in section.groups.items():
+            seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
+            lines.append(f"| {label} | {fmt_cell(*mean_ci([r.get('objective') for r in runs], confidence))} | {seeds} |")
+        lines.append("")
+        notes = [(label, config_differences(runs)) for label, runs in section.groups.items()]
+        notes = [(label, keys) for label, keys in notes if keys]
+        if notes:
+            lines += ["Pooled runs whose configs differ in more than the seed:", ""]
+            lines += [f"- {label}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}" for label, keys in notes]
+            lines.append("")
+        target_stats = section.target_stats(metric, confidence)
+        labels = list(next(iter(target_stats.values())).keys()) if target_stats else []
+        lines += [f"### {metric} per target", "", "| target | shift | " + " | ".join(labels) + " |",
+                  "|---|---" + "|---" * len(labels) + "|"]
+        shift_of = dict(section.targets)
+        for target, cells in target_stats.items():
+            lines.append(f"| {target} | {shift_of[target]} | " + " | ".join(fmt_cell(*cells[lb]) for lb in labels) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(sections: Sequence[Section], metric: str, confidence: float, path: Path) -> None:
+    """One grouped bar chart per section: x = shift type, a bar per adapter, CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sections), 1, figsize=(max(6.0, 1.6 * max(len(s.shifts) for s in sections) + 2), 4.5 * len(sections)),
+                             squeeze=False)
+    for ax, section in zip(axes[:, 0], sections):
+        table = section.shift_stats(metric, confidence)
+        width = 0.8 / max(1, len(table))
+        x = np.arange(len(section.shifts))
+        for i, (label, cells) in enumerate(table.items()):
+            means = [cells[s][0] for s in section.shifts]
+            errs = [0.0 if math.isnan(cells[s][1]) else cells[s][1] for s in section.shifts]
+            ax.bar(x + (i - (len(table) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=label)
+        ax.set_xticks(x, section.shifts)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{section.title} ({confidence:.0%} CI over seeds)")
+        if metric == "acc":
+            ax.set_ylim(0, 1)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(table)), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: str = "acc",
+           confidence: float = 0.95) -> Path:
+    """Write report.md and report.png for the runs below ``inputs``; returns the report.md path."""
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric}: use one of {', '.join(METRICS)}")
+    if not 0 < confidence < 1:
+        raise UserError(f"--confidence {confidence} must be between 0 and 1, e.g. 0.95")
+    files, skipped = find_results(inputs)
+    runs, bad = load_runs(files)
+    skipped_msg = f"skipped {len(skipped)} run dirs without results.json" + (
+        f" ({', '.join(str(p) for p in skipped[:5])}{' …' if len(skipped) > 5 else ''})" if skipped else "")
+    if bad:
+        skipped_msg += f"; {len(bad)} unreadable results.json ({', '.join(str(p) for p in bad[:5])})"
+    if not runs:
+        raise UserError(f"no results.json found below {', '.join(str(i) for i in inputs)}; {skipped_msg}")
+    first = Path(inputs[0])
+    out_dir = Path(out) if out is not None else (first if first.is_dir() else first.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = sections_of(runs)
+    markdown = render_report(sections, metric, confidence, len(skipped) + len(bad))
+    atomic_write_text(out_dir / "report.md", markdown)
+    plot_report(sections, metric, confidence, out_dir / "report.png")
+    print(f"found {len(runs)} runs in {sum(len(s.groups) for s in sections)} groups; {skipped_msg}")
+    for section in sections:
+        print(f"\n{section.title}: {metric}, mean ± {confidence:.0%} CI (n)\n{shift_table(section, metric, confidence)}")
+    print(f"\nwrote {out_dir / 'report.md'} and {out_dir / 'report.png'}")
+    return out_dir / "report.md"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m reprpo_pl.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="multirun dirs, run dirs or results.json files (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write report.md/.png (default: the first input dir)")
+    parser.add_argument("--metric", default="acc", choices=METRICS, help="per-shift metric to tabulate (default: acc)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default: 0.95)")
+    args = parser.parse_args(argv)
+    run_cli(lambda: report(args.inputs, args.out, args.metric, args.confidence))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""`python -m reprpo_pl.report` on synthetic results.json files: discovery, grouping, mean ± Student-t CI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from reprpo_pl.errors import UserError
+from reprpo_pl.report import find_results, main, mean_ci, report
+
+TARGETS = [("math", "in_domain"), ("change_my_view", "cross_domain"), ("math_fiction", "cross_domain"),
+           ("us_history_textbook", "orthogonal")]
+
+
+def fake_results(method: str, seed: int, accs: dict[str, float], acc_base: float = 0.5, lr: float = 1e-4,
+                 transform: str | None = None, loss: str | None = None) -> dict:
+    targets = [{"target": t, "shift": s, "n": 24, "acc_base": acc_base, "acc": accs[t],
+                "acc_gain_vs_ref": accs[t] / acc_base, "perplexity_reduction_vs_ref": 1.0,
+                "preference_logp_gain_vs_ref": 0.0, "log_ppl_chosen_delta": 0.0} for t, s in TARGETS]
+    shifts = {}
+    for shift in ("in_domain", "cross_domain", "orthogonal"):
+        rows = [t for t in targets if t["shift"] == shift]
+        shifts[shift] = {"n_targets": len(rows), "n": 24 * len(rows),
+                         **{k: float(np.mean([r[k] for r in rows])) for k in ("acc_base", "acc", "acc_gain_vs_ref")}}
+    objective = float(np.mean([shifts[s]["acc_gain_vs_ref"] for s in ("cross_domain", "orthogonal")]))
+    return {"method": method, "transform": transform, "loss": loss, "model": "tiny_random", "dataset": "math",
+            "seed": seed, "n_train": 8, "global_step": 2, "objective": objective, "targets": targets, "shifts": shifts,
+            "config": {"seed": seed, "method": {"name": method, "lr": lr}}}
+
+
+def write(run_dir: Path, doc: dict, hydra: bool = True) -> None:
+    run_dir.mkdir(parents=True)
+    if hydra:
+        (run_dir / ".hydra").mkdir()
+    (run_dir / "results.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[Path, dict]:
+    """multirun/<date>/<time>/{0..5}: dpo and innerdpo × seeds 1-3, one failed job, one eval re-run."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
+    values: dict = {}
+    job = 0
+    for method, transform, loss in (("dpo", None, None), ("innerdpo", "ether", "innerdpo")):
+        for seed in (1, 2, 3):
+            accs = {t: float(rng.uniform(0.3, 0.9)) for t, _ in TARGETS}
+            values.setdefault(method, []).append(accs)
+            write(root / str(job), fake_results(method, seed, accs, transform=transform, loss=loss))
+            job += 1
+    failed = root / str(job)  # a job that died before writing results
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / "train.log").write_text("boom")
+    # a re-evaluation inside a run dir must not count as another seed
+    write(root / "0" / "eval" / "2026-01-02_00-00-00", fake_results("dpo", 1, {t: 0.0 for t, _ in TARGETS}))
+    (root / "multirun.yaml").write_text("{}")
+    return root, values
+
+
+def expected_cell(samples: list[float]) -> str:
+    mean = np.mean(samples)
+    low, high = stats.t.interval(0.95, len(samples) - 1, loc=mean, scale=stats.sem(samples))
+    return f"{mean:.3f} ± {(high - low) / 2:.3f} (n={len(samples)})"
+
+
+def test_mean_ci_matches_scipy():
+    x = [0.61, 0.55, 0.72, 0.58]
+    mean, half, n = mean_ci(x)
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(x), scale=stats.sem(x))
+    assert n == 4 and mean == pytest.approx(np.mean(x)) and half == pytest.approx((high - low) / 2)
+    assert mean_ci(x, 0.9)[1] == pytest.approx(stats.t.ppf(0.95, 3) * np.std(x, ddof=1) / 2)
+    assert mean_ci([0.4])[0] == 0.4 and math.isnan(mean_ci([0.4])[1])
+    assert mean_ci([])[2] == 0 and mean_ci([0.5, None, float("nan")])[2] == 1
+
+
+def test_find_results_skips_dirs_without_results(sweep):
+    root, _ = sweep
+    files, skipped = find_results([root])
+    assert sorted(int(f.parent.name) for f in files) == [0, 1, 2, 3, 4, 5]  # not 0/eval/…
+    assert skipped == [root / "6"]
+
+
+def test_report_tables_and_ci(sweep, capsys):
+    root, values = sweep
+    path = report([root])
+    assert path == root / "report.md"
+    md = path.read_text()
+    out = capsys.readouterr().out
+    assert "found 6 runs in 2 groups; skipped 1 run dirs without results.json" in out
+    assert "1 run dirs without results.json skipped" in md
+    for method, label in (("dpo", "dpo"), ("innerdpo", "innerdpo/ether/innerdpo")):
+        runs = values[method]
+        cross = [np.mean([r["change_my_view"], r["math_fiction"]]) for r in runs]
+        ortho = [r["us_history_textbook"] for r in runs]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} | ") and "in_domain" not in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells == [label, expected_cell([r["math"] for r in runs]), expected_cell(cross), expected_cell(ortho)]
+        assert row in out  # the per-shift table is printed too
+        objective = [np.mean([c / 0.5, o / 0.5]) for c, o in zip(cross, ortho)]
+        assert f"| {label} | {expected_cell(objective)} | 1, 2, 3 |" in md
+        per_target = next(line for line in md.splitlines() if line.startswith("| math_fiction | cross_domain |"))
+        assert expected_cell([r["math_fiction"] for r in runs]) in per_target
+    assert "| base | 0.500 ± 0.000 (n=6) |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| adapter | in_domain"))
+    assert header == "| adapter | in_domain | cross_domain | orthogonal |"  # SHIFT_ORDER, only shifts present
+    png = root / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_report_cli_out_and_several_inputs(sweep, tmp_path):
+    root, _ = sweep
+    single = tmp_path / "outputs" / "one"
+    write(single, fake_results("dpo", 7, {t: 0.5 for t, _ in TARGETS}, lr=1e-3), hydra=False)
+    main([str(root / "0"), str(root / "1"), str(single), "--out", str(tmp_path / "rep"), "--metric", "acc_gain_vs_ref"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "### acc_gain_vs_ref per shift type" in md
+    assert "| base |" not in md  # only acc has a base counterpart
+    assert "(n=3)" in md
+    # the third run has another learning rate: the report says the pooled configs differ
+    assert "- dpo: method.lr" in md
+
+
+def test_report_nothing_found(tmp_path, capsys):
+    (tmp_path / "job" / ".hydra").mkdir(parents=True)
+    with pytest.raises(UserError, match="no results.json found.*skipped 1 run dirs"):
+        report([tmp_path])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
