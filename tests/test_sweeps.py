@@ -112,7 +112,6 @@ def test_hparams_search_config(name, tmp_path, monkeypatch):
     assert "method.lr" in sweeper.params and "log" in sweeper.params["method.lr"]
 
 
-@pytest.mark.slow  # ~50 s on an idle 2-core machine: two CLI invocations of two trials each
 def test_optuna_sweep_writes_study_and_resumes(tmp_path):
     import optuna
 
