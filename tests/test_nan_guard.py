@@ -103,9 +103,6 @@ def test_nan_loss_term_names_the_culprit_term(tmp_path, monkeypatch):
     assert_non_finite(result, r"'loss/in'")
 
 
-@pytest.mark.xfail(strict=True, reason="Lightning's fit loop runs inside torch.autograd.set_detect_anomaly(Trainer.detect_anomaly), "
-                   "which overrides train.py's global switch: pass detect_anomaly=cfg.debug.detect_anomaly to the Trainer "
-                   "(train.py or conf/trainer/default.yaml) — then drop this marker")
 def test_detect_anomaly_is_on_during_training_steps(tmp_path, monkeypatch):
     from reprpo_pl.methods.base import PreferenceModule
 

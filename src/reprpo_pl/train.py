@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
@@ -60,8 +59,7 @@ for _name, _fn in (("ensure_dir", _ensure_dir), ("optuna_seed", _optuna_seed), (
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Fit ``cfg.method`` and return the results document (also written to ``run_dir``)."""
-    L.seed_everything(cfg.seed, workers=True)
-    torch.autograd.set_detect_anomaly(bool(cfg.debug.detect_anomaly))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)  # validates data before the model loads
     try:
         module_cls = get_class(cfg.method._target_)
@@ -69,12 +67,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"method._target_={cfg.method._target_} cannot be imported; pick a method from conf/method/") from None
     module = module_cls(cfg)
     datamodule.tokenizer = module.tokenizer
+    datamodule.setup("fit")  # tokenisation errors surface before Lightning's banner
     callbacks = []
     for name, cb_cfg in cfg.callbacks.items():
         kwargs = {"dirpath": run_dir / "checkpoints"} if name == "checkpoint" else {}
         callbacks.append(instantiate(cb_cfg, **kwargs))
     loggers = [instantiate(lg, save_dir=str(run_dir)) for lg in cfg.logger.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                                     detect_anomaly=bool(cfg.debug.detect_anomaly))
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
