@@ -6,7 +6,9 @@ the 20 rows have chosen = rejected after truncation and are dropped), ``data.max
 ``data.max_prompt_length=96``, batches of 4, 3 epochs = 12 optimiser steps (no accumulation), AdamW with
 the configured warmup + cosine schedule, ``method.lr`` = `LR` (above the prototype's 6e-5/7e-5 so that
 12 steps are enough). Accuracy is `eval.scorer.score_pairs`' (per-token-mean log-prob of chosen >
-rejected), for the base (adapter disabled) and the adapter on the same 16 rows.
+rejected), for the base (adapter disabled) and the adapter on the same 16 rows. The test asks for
+≥ 2 more pairs right than the base; measured: base 0.75 (12/16), DPO 1.0 and innerdpo 1.0 after
+the 12 steps (3.5–4.5 min per method on a shared 2-core CPU).
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class PreferenceModule(L.LightningModule):
         enabled = bool((cfg.get("ref_cache") or {}).get("enabled", True))
         self.ref_cache: RefCache | None = RefCache() if enabled and self.fast_paths else None
         self._in_training_step = False  # the cache is read and filled in training steps only
+        self._ref_from_cache = False
 
     # ---- forward passes -------------------------------------------------------------------
     @contextmanager
@@ -100,7 +101,9 @@ class PreferenceModule(L.LightningModule):
             cached = cache.lookup(batch["index"], batch["prompt_ids"].device)
             if cached is not None:
                 cache.hits += 1
+                self._ref_from_cache = True
                 return cached
+        self._ref_from_cache = False
         with self.reference():
             outputs = forward()
         if cache is not None:
@@ -130,6 +133,8 @@ class PreferenceModule(L.LightningModule):
         self.check_finite({"loss": loss, **{k: v for k, v in metrics.items() if k.startswith("loss")}})
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["prompt_ids"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["prompt_ids"].shape[0])
+        if self.ref_cache is not None:  # 1 when this batch's reference outputs came from the cache
+            self.log("train/ref_cached", float(self._ref_from_cache), batch_size=batch["prompt_ids"].shape[0])
         return loss
 
     def check_finite(self, terms: Mapping[str, Tensor], where: str = "loss term") -> None:
