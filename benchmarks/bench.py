@@ -7,7 +7,9 @@ Settings (all three systems): SmolLM2-135M-Instruct fp32 on CPU, LoRA r=16 (alph
 dropout 0) on every linear layer but lm_head, batch of 4 pairs, max_length 256 (prompt ≤ 160),
 the same 32 GENIES pairs of the embedded math train set, tokenised once by our pipeline (chat
 template) and fed in the same fixed order to every system, AdamW lr 6e-5, gradient clip 10, no
-gradient checkpointing, ``--threads`` torch threads.
+gradient checkpointing, ``--threads`` torch threads, ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads that
+spin while waiting make a 2-core machine shared with other jobs 2-3× slower and erratic; passive
+waiting costs little when the machine is idle and is the same for every system).
 
 - TRL: ``trl.DPOTrainer`` with a peft_config (reference = disabled adapter, one concatenated forward,
   TRL's fused LM head), driven by its own training loop; the only override skips its tokenisation
@@ -67,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per repetition (epoch 1 = warmup + steps batches)")
     p.add_argument("--no-epoch2", dest="epoch2", action="store_false", help="skip the second (cached) epoch")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of every child ('' = inherit): PASSIVE keeps timings stable when other jobs share the CPUs")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=160)
@@ -90,6 +94,8 @@ class Child:
         env = {**os.environ, PROTOCOL_FD_ENV: str(write_fd), "TOKENIZERS_PARALLELISM": "false"}
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
+        if args.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = args.omp_wait_policy
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--rep", str(rep), *child_flags(args)]
         self.log_path = log_dir / f"{system}-{rep}.log"
         self.proc = subprocess.Popen(
@@ -201,7 +207,8 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
             "lora": {"r": args.lora_r, "alpha": 16, "rslora": True, "dropout": 0.0, "targets": "all-linear"},
             "batch_pairs": args.batch_size, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
             "pairs": args.reps * per_epoch * args.batch_size, "repetitions": args.reps, "data": "embedded GENIES math/train, our tokenisation (chat template)",
-            "threads": args.threads, "warmup_steps_per_rep": args.warmup, "timed_steps_per_rep": args.steps,
+            "threads": args.threads, "omp_wait_policy": args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
+            "warmup_steps_per_rep": args.warmup, "timed_steps_per_rep": args.steps,
             "gradient_checkpointing": False, "interleave": args.interleave,
             "memory": "peak RSS = ru_maxrss of each system's own subprocess (whole process: libraries, model, data)",
             "innerdpo": "collection hs, layers 0.5:-2, transform ether, loss innerdpo defaults",

@@ -104,7 +104,7 @@ class PreferenceModule(L.LightningModule):
                 self._ref_from_cache = True
                 return cached
         self._ref_from_cache = False
-        with self.reference():
+        with self.reference(), torch.profiler.record_function("reprpo_pl.reference_forward"):
             outputs = forward()
         if cache is not None:
             cache.misses += 1
