@@ -1,6 +1,7 @@
 """Time TRL's DPOTrainer, our `dpo` and our `innerdpo` on identical settings, in one invocation.
 
-    python benchmarks/bench.py                 # = make bench; ~9 min on an idle 2-core machine
+    python benchmarks/bench.py                 # = make bench; ~6 min on an idle 2-core machine
+    python benchmarks/bench.py --reps 4        # each half of the pairs twice: steadier medians
     python benchmarks/bench.py --reps 1 --no-epoch2 --systems trl,dpo   # quicker
 
 Settings (all three systems): SmolLM2-135M-Instruct fp32 on CPU, LoRA r=16 (alpha 16, rsLoRA,
@@ -21,10 +22,13 @@ waiting costs little when the machine is idle and is the same for every system).
 Each system runs in its own subprocess, so peak memory is per system: ``ru_maxrss`` of the child
 (peak resident set size, what the OS charged the process: libraries, model, data, activations and
 whatever the allocator keeps). Step time is wall-clock from the start of a step (Lightning
-``on_train_batch_start`` / HF ``on_step_begin``) to the end of its optimiser step.
+``on_train_batch_start`` / HF ``on_step_begin``) to the end of its optimiser step; the process CPU
+time of the same interval (all threads) is recorded too: when other jobs take a core, wall time
+grows and CPU time barely moves, so CPU-time ratios are the steadier comparison on a shared machine.
 
-The pairs are split into ``--reps`` repetitions; in each, every system gets a fresh subprocess on that
-repetition's pairs (``--warmup`` untimed steps, then ``--steps`` timed ones), and the order of the
+The pairs are cut into slices of (warmup + steps)·batch; in repetition r every system gets a fresh
+subprocess on slice r mod (number of slices) (``--warmup`` untimed steps, then ``--steps`` timed ones;
+defaults: 2 repetitions × (1 + 3) steps × 4 pairs = the 32 pairs once), and the order of the
 systems rotates from one repetition to the next, so a machine whose load drifts (shared CPUs) is
 seen by all systems alike. ``--interleave step`` goes further: the repetition's three subprocesses are
 loaded side by side and take turns one step at a time (needs the memory of all three at once).
@@ -43,6 +47,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -64,7 +69,8 @@ PROTOCOL_FD_ENV = "REPRPO_BENCH_FD"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of trl, dpo, innerdpo")
-    p.add_argument("--reps", type=int, default=2, help="repetitions, each with its own pairs and fresh processes")
+    p.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh processes (and the next slice of the pairs)")
+    p.add_argument("--pairs", type=int, default=32, help="distinct training pairs, split into slices of (warmup + steps)·batch")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per repetition")
     p.add_argument("--steps", type=int, default=3, help="timed steps per repetition (epoch 1 = warmup + steps batches)")
     p.add_argument("--no-epoch2", dest="epoch2", action="store_false", help="skip the second (cached) epoch")
@@ -77,18 +83,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--interleave", choices=("rep", "step"), default="rep",
                    help="rep: one subprocess at a time, order rotated per repetition; step: all loaded, one step each in turn")
-    p.add_argument("--profile", action="store_true", help="profile one extra step per system (torch.profiler); tables in results/")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, profile one epoch-1 step per system (torch.profiler, own subprocess); tables in results/")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--machine", default=platform.node() or "machine", help="machine name for the results file")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 class Child:
     """One system's subprocess: a line protocol on a dedicated pipe (its stdout/stderr go to a log file)."""
 
-    def __init__(self, system: str, rep: int, args: argparse.Namespace, log_dir: Path):
+    def __init__(self, system: str, rep: int, args: argparse.Namespace, log_dir: Path, profile: bool = False):
         self.system, self.rep = system, rep
         read_fd, write_fd = os.pipe()
         env = {**os.environ, PROTOCOL_FD_ENV: str(write_fd), "TOKENIZERS_PARALLELISM": "false"}
@@ -97,7 +105,8 @@ class Child:
         if args.omp_wait_policy:
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--rep", str(rep), *child_flags(args)]
-        self.log_path = log_dir / f"{system}-{rep}.log"
+        cmd += ["--profile-only"] if profile else []
+        self.log_path = log_dir / f"{system}-{rep}{'-profile' if profile else ''}.log"
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             pass_fds=(write_fd,), text=True, cwd=ROOT, env=env,
@@ -132,10 +141,10 @@ class Child:
 
 
 def child_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--reps", str(args.reps), "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
+    flags = ["--reps", str(args.reps), "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
              "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
              "--max-prompt-length", str(args.max_prompt_length), "--lora-r", str(args.lora_r)]
-    return flags + ([] if args.epoch2 else ["--no-epoch2"]) + (["--profile"] if args.profile else []) + ["--out", str(args.out)]
+    return flags + ([] if args.epoch2 else ["--no-epoch2"]) + ["--out", str(args.out), "--machine", args.machine]
 
 
 def run_parent(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,10 +161,17 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for rep in range(args.reps):
             run_repetition(args, rotate(systems, rep), rep, children, log_dir)
+        if args.profile:
+            for s in systems:
+                child = Child(s, 0, args, log_dir, profile=True)
+                while child.next_event()["event"] == "ready":
+                    child.step()  # not part of the results: only the profile table it writes
+                print(f"  profiled {s}: {child.final.get('profile')}", flush=True)
     finally:
         for child in children:
             if child.proc.poll() is None:
                 child.proc.kill()
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept only when a child failed (the error shows its log)
     return summarise(args, systems, children, load_start, time.time() - started)
 
 
@@ -206,7 +222,7 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "device": "cpu", "dtype": "float32",
             "lora": {"r": args.lora_r, "alpha": 16, "rslora": True, "dropout": 0.0, "targets": "all-linear"},
             "batch_pairs": args.batch_size, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-            "pairs": args.reps * per_epoch * args.batch_size, "repetitions": args.reps, "data": "embedded GENIES math/train, our tokenisation (chat template)",
+            "pairs": args.pairs, "repetitions": args.reps, "pairs_per_rep": per_epoch * args.batch_size, "data": "embedded GENIES math/train, our tokenisation (chat template)",
             "threads": args.threads, "omp_wait_policy": args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
             "warmup_steps_per_rep": args.warmup, "timed_steps_per_rep": args.steps,
             "gradient_checkpointing": False, "interleave": args.interleave,
@@ -219,7 +235,7 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
         "systems": {},
     }
     for s in systems:
-        runs = [c for c in children if c.system == s]
+        runs = [c for c in children if c.system == s and "--profile-only" not in c.proc.args]
         steps = [m for c in runs for m in c.steps]
         epoch1 = [m["seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
         epoch1_cpu = [m["cpu_seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
@@ -345,8 +361,10 @@ def main(argv: list[str] | None = None) -> None:
 class Gate:
     """The child's side of the protocol: 'ready' then wait for 'go' before a step; timing after it."""
 
-    def __init__(self, system: str, warmup: int, steps_per_epoch: int, total_steps: int):
+    def __init__(self, system: str, warmup: int, steps_per_epoch: int, total_steps: int, profile_to: Path | None = None):
         self.system, self.warmup, self.per_epoch, self.total = system, warmup, steps_per_epoch, total_steps
+        self.profile_to = profile_to  # profile the last step (an epoch-1 step after the warm-up) into this file
+        self.profiler = None
         self.out = os.fdopen(int(os.environ[PROTOCOL_FD_ENV]), "w", buffering=1)
         self.count = 0
         self.rss_before: float | None = None
@@ -363,10 +381,25 @@ class Gate:
         self.send(event="ready")
         if sys.stdin.readline().strip() != "go":
             raise SystemExit("bench parent went away")
+        if self.profile_to is not None and self.count == self.total - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler.__enter__()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
         seconds, cpu = time.perf_counter() - self.started, time.process_time() - self.cpu_started
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profile_to.parent.mkdir(parents=True, exist_ok=True)
+            events = self.profiler.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / 1e6
+            phases = "".join(f"{e.key}: {e.cpu_time_total / 1e6:.2f} s of the profiled {total:.2f} s\n"
+                             for e in events if e.key.startswith("reprpo_pl."))
+            table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+            self.profile_to.write_text(f"{self.system}: one epoch-1 step (reference forward included), {seconds:.2f} s wall\n{phases}{table}")
+            self.profiler = None
         epoch, position = divmod(self.count, self.per_epoch)
         self.send(event="step", system=self.system, step=self.count, epoch=epoch, position=position,
                   timed=position >= self.warmup, seconds=seconds, cpu_seconds=cpu, loadavg=os.getloadavg())
@@ -386,7 +419,7 @@ def bench_config(system: str, args: argparse.Namespace, epochs: int):
     overrides = [
         f"method={method}", "transform=ether", "model=smollm2_135m", "dataset=math",
         f"adapter.r={args.lora_r}", "adapter.lora_alpha=16", "adapter.lora_dropout=0.0",
-        f"data.n_train={2 * args.reps * (args.warmup + args.steps) * args.batch_size}",  # spare rows: tokenisation drops a few f"data.batch_size={args.batch_size}",
+        f"data.n_train={2 * args.pairs}",  # spare rows: tokenisation drops a few f"data.batch_size={args.batch_size}",
         f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
         "method.lr=6e-5", f"trainer.max_epochs={epochs}", "ref_cache.enabled=true",
     ]
@@ -395,8 +428,9 @@ def bench_config(system: str, args: argparse.Namespace, epochs: int):
 
 
 def bench_pairs(cfg, tokenizer, args: argparse.Namespace):
-    """This repetition's pairs: from the first reps·(warmup+steps)·batch training pairs that survive our
-    tokenisation, in one fixed shuffled order (the same for every system), the rep-th slice."""
+    """This repetition's pairs: the first ``--pairs`` training pairs that survive our tokenisation, in one
+    fixed shuffled order (the same for every system), cut into slices of (warmup+steps)·batch; repetition
+    r takes slice r mod (number of slices)."""
     import torch
 
     from reprpo_pl.data.datamodule import PreferenceDataModule
@@ -406,9 +440,12 @@ def bench_pairs(cfg, tokenizer, args: argparse.Namespace):
     dm.setup()
     order = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(0)).tolist()
     per_rep = (args.warmup + args.steps) * args.batch_size
-    if len(order) < args.reps * per_rep:
-        raise SystemExit(f"only {len(order)} pairs survive tokenisation, {args.reps * per_rep} needed: raise --max-length")
-    return dm, dm.train_set.select(order[args.rep * per_rep : (args.rep + 1) * per_rep])
+    if args.pairs % per_rep:
+        raise SystemExit(f"--pairs={args.pairs} must be a multiple of (warmup + steps)·batch = {per_rep}")
+    if len(order) < args.pairs:
+        raise SystemExit(f"only {len(order)} pairs survive tokenisation, {args.pairs} needed: raise --max-length")
+    start = (args.rep % (args.pairs // per_rep)) * per_rep
+    return dm, dm.train_set.select(order[start : start + per_rep])
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -418,35 +455,19 @@ def run_child(args: argparse.Namespace) -> None:
     os.dup2(2, 1)  # library prints go to the log, never into the protocol
     per_epoch = args.warmup + args.steps
     epochs = 2 if args.epoch2 and args.child != "trl" else 1
-    gate = Gate(args.child, args.warmup, per_epoch, per_epoch * epochs)
+    profile_to = None
+    if args.profile_only:  # warm-up steps, then one profiled step; no second epoch
+        epochs = 1
+        per_epoch = args.warmup + 1
+        machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine)
+        profile_to = args.out / f"{dt.date.today().isoformat()}-{machine}-profile-{args.child}.txt"
+    gate = Gate(args.child, args.warmup, per_epoch, per_epoch * epochs, profile_to)
     cfg = bench_config(args.child, args, epochs)
     if args.child == "trl":
         extra = run_trl(cfg, args, gate, per_epoch)
     else:
         extra = run_ours(cfg, args, gate, epochs)
-    gate.done(**extra)
-
-
-def profiled(args: argparse.Namespace, system: str):
-    """A context that profiles one step and writes the op table to results/ (or does nothing)."""
-    from contextlib import nullcontext
-
-    if not args.profile:
-        return nullcontext()
-    from torch.profiler import ProfilerActivity, profile
-
-    class Profiled:
-        def __enter__(self):
-            self.prof = profile(activities=[ProfilerActivity.CPU])
-            self.prof.__enter__()
-
-        def __exit__(self, *exc):
-            self.prof.__exit__(*exc)
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"{dt.date.today().isoformat()}-{args.machine}-profile-{system}.txt"
-            path.write_text(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-
-    return Profiled()
+    gate.done(**extra, profile=str(profile_to) if profile_to else None)
 
 
 def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str, Any]:
@@ -459,29 +480,24 @@ def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str
     module = get_class(cfg.method._target_)(cfg)
     dm, train = bench_pairs(cfg, module.tokenizer, args)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=False, collate_fn=dm.collator)
-    extra_profile_step = args.profile and args.rep == args.reps - 1
+    if gate.profile_to is not None:
+        loader = DataLoader(train.select(range(gate.total * args.batch_size)), batch_size=args.batch_size,
+                            shuffle=False, collate_fn=dm.collator)
 
     class Timing(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if gate.count < gate.total:
-                gate.begin()
-            else:
-                self.prof = profiled(args, args.child)
-                self.prof.__enter__()
+            gate.begin()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if gate.count < gate.total:
-                gate.end()
-            else:
-                self.prof.__exit__(None, None, None)
+            gate.end()
 
     tmp = tempfile.mkdtemp(prefix=f"bench-{args.child}-")
-    max_steps = gate.total + (1 if extra_profile_step else 0)
     trainer = instantiate(
         cfg.trainer, default_root_dir=tmp, callbacks=[Timing()], logger=CSVLogger(tmp), enable_checkpointing=False,
-        enable_progress_bar=False, max_epochs=epochs + (1 if extra_profile_step else 0), max_steps=max_steps,
+        enable_progress_bar=False, max_epochs=epochs, max_steps=gate.total,
     )
     trainer.fit(module, train_dataloaders=loader)
+    shutil.rmtree(tmp, ignore_errors=True)
     cache = module.ref_cache
     return {"ref_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "examples": len(cache), "bytes": cache.nbytes}}
 
@@ -507,22 +523,15 @@ def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[s
 
     class Timing(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
-            if gate.count < gate.total:
-                gate.begin()
-            else:
-                self.prof = profiled(args, "trl")
-                self.prof.__enter__()
+            gate.begin()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            if gate.count < gate.total:
-                gate.end()
-            else:
-                self.prof.__exit__(None, None, None)
+            gate.end()
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     config = trl.DPOConfig(
         output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        max_steps=gate.total + (1 if args.profile and args.rep == args.reps - 1 else 0), learning_rate=float(cfg.method.lr),
+        max_steps=gate.total, learning_rate=float(cfg.method.lr),
         lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=10.0, weight_decay=0.0,
         beta=0.1, loss_type=["sigmoid"], max_length=args.max_length, bf16=False, use_cpu=True,
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
@@ -534,6 +543,7 @@ def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[s
     trainer = OurTokens(model=model, args=config, processing_class=tokenizer, train_dataset=train, peft_config=lora,
                         callbacks=[Timing()])
     trainer.train()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {}
 
 
