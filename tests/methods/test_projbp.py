@@ -8,13 +8,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from reprpo_pl.config import CONF_DIR
 from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.methods.projbp import ProjBPModule
+from tiny_modules import tiny_method_module
 from reprpo_pl.methods.projection import project_output_gradient
 
 torch.set_num_threads(1)
@@ -22,16 +21,7 @@ LAST = "model.layers.3.mlp.down_proj"  # the last adapted module: its âˆ‚loss/âˆ
 
 
 def make_module(*overrides: str) -> ProjBPModule:
-    """ProjBPModule from conf/ (method=projbp) on the tiny Llama, LoRA r=8 with random lora_B."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["method=projbp", "model=tiny_random", "adapter.r=8", *overrides])
-    module = ProjBPModule(cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return module.train()
+    return tiny_method_module("projbp", *overrides)
 
 
 @pytest.fixture

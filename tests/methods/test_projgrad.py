@@ -9,31 +9,20 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from reprpo_pl.config import CONF_DIR
 from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.errors import UserError
 from reprpo_pl.methods.projgrad import ProjGradModule
+from tiny_modules import tiny_method_module
 
 torch.set_num_threads(1)
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj")  # a square and a non-square module
 
 
 def make_module(*overrides: str) -> ProjGradModule:
-    """ProjGradModule from conf/ (method=projgrad) on the tiny Llama, LoRA r=8 with random lora_B so the
-    policy differs from the reference and lora_A gets gradient too."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["method=projgrad", "model=tiny_random", "adapter.r=8", *overrides])
-    module = ProjGradModule(cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return module.train()
+    return tiny_method_module("projgrad", *overrides)
 
 
 @pytest.fixture
