@@ -214,13 +214,11 @@ def test_cli_hydra_error_subprocess(tmp_path):
     assert not result.run_dir.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="methods/base.py loads checkpoints with strict_loading=False and no check: a "
-                   "checkpoint of another adapter shape raises a size-mismatch traceback, and one of another transform "
-                   "resumes silently with fresh parameters. Compare the checkpoint's trainable keys/shapes with the "
-                   "module's in on_load_checkpoint and raise a UserError naming the first difference — then drop this marker")
-def test_checkpoint_of_another_config(tmp_path):
+@pytest.mark.parametrize("other", ["adapter.r=8", "transform=hra", "method=dpo"])
+def test_checkpoint_of_another_config(tmp_path, other):
+    """Another adapter shape would be a size-mismatch traceback, another transform a silent fresh start."""
     first = run_inprocess([*TINY, "trainer.max_steps=1", "eval.n_samples=1"], tmp_path / "first")
     assert first.code == 0, first.stderr[-3000:]
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    result = run_inprocess([*TINY, CKPT_PLUGIN, "adapter.r=8", f"ckpt_path={ckpt}"], tmp_path / "run")
-    assert_user_error(result, r"ckpt_path=.*last.ckpt")
+    result = run_inprocess([*TINY, CKPT_PLUGIN, other, f"ckpt_path={ckpt}"], tmp_path / "run")
+    assert_user_error(result, r"ckpt_path=.*last\.ckpt was trained with another configuration")

@@ -88,6 +88,7 @@ def test_train_cli_writes_results(method: str, transform: str | None, loss: str 
     assert {k: results.get(k) for k in expected} == expected
     assert results.get("transform") == transform and results.get("loss") == loss
     assert isinstance(results["seed"], int) and isinstance(results["n_train"], int)
+    assert results["timing"]["train_s"] > 0 and results["timing"]["eval_s"] > 0
 
     # one row per target of conf/dataset/math.yaml, with its shift type
     assert isinstance(results["targets"], list)

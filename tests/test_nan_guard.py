@@ -94,9 +94,6 @@ def test_nan_loss_term_stops_at_the_step(tmp_path, monkeypatch):
     assert_non_finite(result, r"non-finite loss term '[^']+' at global step 0 \(epoch 0\)")
 
 
-@pytest.mark.xfail(strict=True, reason="methods/base.py training_step checks the total 'loss' first, so the message "
-                   "never names the culprit term: check the per-term losses before the total (or list every "
-                   "non-finite term) — then drop this marker")
 def test_nan_loss_term_names_the_culprit_term(tmp_path, monkeypatch):
     _nan_hidden_term(monkeypatch)
     result = run_inprocess(TWO_STEPS, tmp_path / "run")

@@ -30,6 +30,7 @@ def fake_results(method: str, seed: int, accs: dict[str, float], acc_base: float
     objective = float(np.mean([shifts[s]["acc_gain_vs_ref"] for s in ("cross_domain", "orthogonal")]))
     return {"method": method, "transform": transform, "loss": loss, "model": "tiny_random", "dataset": "math",
             "seed": seed, "n_train": 8, "global_step": 2, "objective": objective, "targets": targets, "shifts": shifts,
+            "timing": {"train_s": 100.0 + seed, "eval_s": 50.0},
             "config": {"seed": seed, "method": {"name": method, "lr": lr}}}
 
 
@@ -102,7 +103,9 @@ def test_report_tables_and_ci(sweep, capsys):
         assert cells == [label, expected_cell([r["math"] for r in runs]), expected_cell(cross), expected_cell(ortho)]
         assert row in out  # the per-shift table is printed too
         objective = [np.mean([c / 0.5, o / 0.5]) for c, o in zip(cross, ortho)]
-        assert f"| {label} | {expected_cell(objective)} | 1, 2, 3 |" in md
+        train_s = [101.0, 102.0, 103.0]  # fake_results: 100 + seed
+        half = stats.t.ppf(0.975, 2) * np.std(train_s, ddof=1) / np.sqrt(3)
+        assert f"| {label} | {expected_cell(objective)} | {np.mean(train_s):.0f} ± {half:.0f} | 50 ± 0 | 1, 2, 3 |" in md
         per_target = next(line for line in md.splitlines() if line.startswith("| math_fiction | cross_domain |"))
         assert expected_cell([r["math_fiction"] for r in runs]) in per_target
     assert "| base | 0.500 ± 0.000 (n=6) |" in md

@@ -67,7 +67,8 @@ def test_cpu_comparison_experiment():
     for method in methods:
         if not (METHOD_CONF / f"{method}.yaml").is_file():
             pytest.skip(f"conf/method/{method}.yaml is not there yet")
-        assert compose_train("experiment=cpu_comparison", f"method={method}").method.name == method
+        composed = compose_train("experiment=cpu_comparison", f"method={method}")
+        assert composed.method.name == method and composed.method.lr == 3e-4  # one lr, over each method's default
 
 
 # ---- Optuna --------------------------------------------------------------------------------------

@@ -103,6 +103,13 @@ def fmt_cell(mean: float, half: float, n: int) -> str:
     return f"{mean:.3f} ± {half:.3f} (n={n})"
 
 
+def fmt_seconds(mean: float, half: float, n: int) -> str:
+    """Like `fmt_cell` for wall seconds (runs without a timing, e.g. re-evaluations, are left out of n)."""
+    if n == 0:
+        return "–"
+    return f"{mean:.0f}" if math.isnan(half) else f"{mean:.0f} ± {half:.0f}"
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: json.dumps(d, sort_keys=True)}
@@ -191,11 +198,13 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section in sections:
         lines += [f"## {section.title}", "", f"### {metric} per shift type", "", shift_table(section, metric, confidence), ""]
-        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts)", "", "| adapter | objective | seeds |",
-                  "|---|---|---|"]
+        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts) and wall time per run", "",
+                  "| adapter | objective | train s | eval s | seeds |", "|---|---|---|---|---|"]
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
-            lines.append(f"| {label} | {fmt_cell(*mean_ci([r.get('objective') for r in runs], confidence))} | {seeds} |")
+            times = [fmt_seconds(*mean_ci([(r.get("timing") or {}).get(k) for r in runs], confidence)) for k in ("train_s", "eval_s")]
+            lines.append(f"| {label} | {fmt_cell(*mean_ci([r.get('objective') for r in runs], confidence))} | "
+                         f"{' | '.join(times)} | {seeds} |")
         lines.append("")
         notes = [(label, config_differences(runs)) for label, runs in section.groups.items()]
         notes = [(label, keys) for label, keys in notes if keys]

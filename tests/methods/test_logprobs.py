@@ -7,7 +7,8 @@ import torch
 
 from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
-from reprpo_pl.methods.logprobs import aggregate, completion_logps, token_logps
+from reprpo_pl.eval.scorer import score_pairs
+from reprpo_pl.methods.logprobs import aggregate, completion_logps, pack_pairs, supports_packed, token_logps
 
 
 @pytest.fixture
@@ -64,6 +65,34 @@ def test_completion_logps_matches_unpadded_loop(which, rows, tokenizer, request)
     # few ulps of relative slack (rtol 2^-21 ~ 4.8e-7) for the summation order alone.
     summed = aggregate(got, mask, "sum")
     torch.testing.assert_close(summed, torch.stack([e.double().sum() for e in expected]).float(), atol=1e-5, rtol=2**-21)
+
+
+def test_packed_completion_logps_match_unpadded_loop(tiny_peft, rows, tokenizer):
+    """The packed layout (prompt once, both completions after it under a block mask) gives the same
+    per-token log-probs as running each prompt+completion alone."""
+    model = tiny_peft.eval()
+    assert supports_packed(model)  # sdpa attention and a frozen lm_head
+    inputs = pack_pairs(PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows))
+    with torch.no_grad():
+        got = completion_logps(model, inputs)
+    for i, exp in enumerate(_brute_force(model, rows)):
+        torch.testing.assert_close(got[i, : len(exp)], exp, atol=1e-5, rtol=0)
+        assert (got[i, len(exp):] == 0).all()
+
+
+def test_scorer_sums_match_unpadded_loop(tiny_peft, rows, tokenizer):
+    """`score_pairs` (packed on this model) gives each row's summed log-probs and token counts, with
+    the adapter and with it disabled (tiny_peft's random lora_B makes the two differ)."""
+    loader = torch.utils.data.DataLoader(rows, batch_size=3, collate_fn=PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
+    scores = score_pairs(tiny_peft, loader)
+    expected = {"adapter": _brute_force(tiny_peft.eval(), rows)}
+    with tiny_peft.disable_adapter():
+        expected["base"] = _brute_force(tiny_peft, rows)
+    assert not torch.allclose(expected["adapter"][0].sum(), expected["base"][0].sum())
+    for role, exp in expected.items():
+        s = scores[role]
+        torch.testing.assert_close(torch.cat([s.logp_cho, s.logp_rej]), torch.stack([e.sum() for e in exp]), atol=1e-4, rtol=0)
+        assert torch.cat([s.n_cho, s.n_rej]).tolist() == [len(e) for e in exp]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 100])

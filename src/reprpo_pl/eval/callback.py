@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,18 @@ class ShiftEvalCallback(L.Callback):
         self.base_cache: dict[str, RowScores] = {}
         self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
         self.results: dict[str, Any] | None = None
+        self.started: float | None = None  # perf_counter at train start
+        self.eval_s = 0.0  # seconds spent scoring targets
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.started, self.eval_s = time.perf_counter(), 0.0
 
     def _evaluate(self, trainer: L.Trainer, pl_module: Any) -> list[dict[str, Any]]:
         if self.last is not None and self.last[0] == trainer.global_step:
             return self.last[1]
+        started = time.perf_counter()
         targets = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
+        self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}
         for name, summary in shift_summary(targets).items():
@@ -102,7 +110,10 @@ class ShiftEvalCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         targets = self._evaluate(trainer, pl_module)
-        self.results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch)
+        fit_s = time.perf_counter() - self.started if self.started is not None else float("nan")
+        timing = {"train_s": round(fit_s - self.eval_s, 1), "eval_s": round(self.eval_s, 1)}  # wall seconds
+        self.results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
+                                     timing=timing)
         log_results_tables(trainer.loggers, self.results)
         if self.write:
             markdown = write_results(Path(trainer.default_root_dir), self.results)

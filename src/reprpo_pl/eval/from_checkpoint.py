@@ -22,6 +22,7 @@ from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_results
+from reprpo_pl.methods.base import trainable_state_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,10 @@ def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path)
         raise UserError(f"ckpt_path={ckpt}: method._target_={cfg.method._target_} cannot be imported; "
                         "the checkpoint comes from another version of reprpo_pl") from None
     module = module_cls(cfg)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    absent = sorted(trainable - set(state))
-    try:
-        _, unexpected = module.load_state_dict(dict(state), strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: "
-                        f"{str(e).splitlines()[-1].strip()[:200]}") from None
-    if absent or unexpected:
-        names = (absent or unexpected)[:3]
-        raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: "
-                        f"{len(absent)} trainable tensors missing, {len(unexpected)} unexpected (e.g. {', '.join(names)})")
+    mismatch = trainable_state_mismatch(state, module.named_parameters())
+    if mismatch:
+        raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: {mismatch}")
+    module.load_state_dict(dict(state), strict=False)  # strict=False: the frozen base is not in the checkpoint
     return module
 
 

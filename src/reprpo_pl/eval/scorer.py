@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reprpo_pl.data.collator import concat_pairs
-from reprpo_pl.methods.logprobs import completion_logps
+from reprpo_pl.methods.logprobs import completion_logps, pack_pairs, supports_packed
 
 
 @dataclass
@@ -41,14 +41,16 @@ def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True,
                 desc: str = "score") -> dict[str, RowScores]:
     """Score every pair of ``loader`` with the adapter and/or with it disabled, batch by batch.
 
-    Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for)."""
+    Uses the packed layout (each prompt encoded once for both completions) where the model supports
+    it. Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {}
+    layout = pack_pairs if supports_packed(model) else concat_pairs
     try:
         for batch in tqdm(loader, desc=desc, leave=False):
-            inputs = {k: v.to(device) for k, v in concat_pairs(batch).items()}
+            inputs = {k: v.to(device) for k, v in layout(batch).items()}
             counts = inputs["completion_mask"].sum(-1).float()
             roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
             for role in roles:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -130,7 +130,8 @@ class PreferenceModule(L.LightningModule):
             loss, metrics = self.compute_loss(batch)
         finally:
             self._in_training_step = False
-        self.check_finite({"loss": loss, **{k: v for k, v in metrics.items() if k.startswith("loss")}})
+        # the terms first, so a NaN is reported where it appeared rather than as the total it spreads to
+        self.check_finite({**{k: v for k, v in metrics.items() if k.startswith("loss")}, "loss": loss})
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["prompt_ids"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["prompt_ids"].shape[0])
         if self.ref_cache is not None:  # 1 when this batch's reference outputs came from the cache
@@ -168,3 +169,25 @@ class PreferenceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose trainable state is not this module's (another adapter rank, method or
+        transform): ``strict_loading`` is off because the frozen base is not saved, so Lightning would
+        otherwise raise a size-mismatch traceback or resume silently with fresh parameters."""
+        mismatch = trainable_state_mismatch(checkpoint.get("state_dict") or {}, self.named_parameters())
+        if mismatch:
+            where = f"ckpt_path={self.cfg.ckpt_path}" if self.cfg.get("ckpt_path") else "the checkpoint"
+            raise UserError(f"{where} was trained with another configuration ({mismatch}): resume with the run's own "
+                            "overrides (its .hydra/overrides.yaml), or drop ckpt_path to start afresh")
+
+
+def trainable_state_mismatch(state: Mapping[str, Tensor], named_parameters: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The first difference between a checkpoint's ``state`` and the trainable parameters, or None when they match."""
+    expected = {n: tuple(p.shape) for n, p in named_parameters if p.requires_grad}
+    for name, shape in expected.items():
+        if name not in state:
+            return f"it lacks {name}"
+        if tuple(state[name].shape) != shape:
+            return f"{name} has shape {list(state[name].shape)}, this run's has {list(shape)}"
+    extra = sorted(set(state) - set(expected))
+    return f"it holds {extra[0]}, which this run does not train" if extra else None
