@@ -16,7 +16,8 @@ What is cached [decided]:
   ``T(mmean_t H) = mmean_t T(H)``, and ``T`` is applied to the cached pooled state at every step.
   With attention-sink filtering (``collection.sink_k``) the dropped positions depend on state norms,
   so it also needs a norm-preserving transform (none, HRA, ortho). `transform_traits` says what
-  holds per transform.
+  holds per transform
+  (each transform class declares its ``traits``).
 - Nothing when a method needs per-token reference states: a transform that is not linear per token
   (supr), a pooling that is not a plain mean (rank's log-softmax), a loss with
   ``needs_token_deviation`` (innerdpo's ``use_token_constraint``), or a method whose hooks read the
@@ -35,59 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
-
-from reprpo_pl.reprs.transforms import PerKeyTransform
-from reprpo_pl.reprs.transforms.ether import ETHER
-from reprpo_pl.reprs.transforms.hra import HRA
-from reprpo_pl.reprs.transforms.none import NoTransform
-from reprpo_pl.reprs.transforms.ortho import Ortho
-from reprpo_pl.reprs.transforms.supr import SuppressedActivations
-from reprpo_pl.reprs.transforms.svd import SVDRemoval
-
-
-@dataclass(frozen=True)
-class TransformTraits:
-    """What a transform ``T`` of per-token states lets the pooling do.
-
-    commutes_with_mean: T is one linear map for every token, ``T(h) = hM`` (no bias, no dependence on
-        other tokens or on the states), so ``T(mmean_t H) = mmean_t T(H)``: pool first, transform ``[B, d]``.
-    preserves_norm: ``‖T(h)‖ = ‖h‖`` (orthogonal M), so attention sinks found on raw norms are the ones
-        found on transformed norms.
-    """
-
-    commutes_with_mean: bool
-    preserves_norm: bool
-
-
-KNOWN_TRAITS: dict[type, TransformTraits] = {
-    NoTransform: TransformTraits(commutes_with_mean=True, preserves_norm=True),
-    ETHER: TransformTraits(commutes_with_mean=True, preserves_norm=False),  # z = W_up H' W0 blockdiag(H) x: linear
-    HRA: TransformTraits(commutes_with_mean=True, preserves_norm=True),  # z = xW, W orthogonal
-    Ortho: TransformTraits(commutes_with_mean=True, preserves_norm=True),  # z = xWᵀ, W orthogonal
-    SVDRemoval: TransformTraits(commutes_with_mean=True, preserves_norm=False),  # z = h − hP
-    SuppressedActivations: TransformTraits(commutes_with_mean=False, preserves_norm=False),  # mask from the states
-}
-"""Traits of the shipped transforms. A transform class may declare its own with a class attribute
-``traits = TransformTraits(...)``; an unknown transform gets neither (safe: per-token path, no cache)."""
-
-UNKNOWN = TransformTraits(commutes_with_mean=False, preserves_norm=False)
-
-
-def transform_traits(transform: nn.Module) -> TransformTraits:
-    """The traits of a built transform (a `PerKeyTransform` has those all its per-key modules share)."""
-    declared = getattr(type(transform), "traits", None)
-    if isinstance(declared, TransformTraits):
-        return declared
-    if isinstance(transform, PerKeyTransform):
-        each = [transform_traits(module) for module in transform.per_key.values()]
-        return TransformTraits(all(t.commutes_with_mean for t in each), all(t.preserves_norm for t in each))
-    return KNOWN_TRAITS.get(type(transform), UNKNOWN)
+from torch import Tensor
 
 
 def reference_fingerprint(cfg: DictConfig | Mapping[str, Any], **extra: Any) -> str:

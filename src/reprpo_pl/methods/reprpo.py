@@ -12,11 +12,10 @@ from torch import Tensor
 
 from reprpo_pl.methods.base import PreferenceModule
 from reprpo_pl.methods.logprobs import completion_states
-from reprpo_pl.methods.ref_cache import transform_traits
 from reprpo_pl.reprs.collection import HiddenStateCollector
 from reprpo_pl.reprs.layers import parse_layers
 from reprpo_pl.reprs.pooling import filter_attention_sinks, masked_mean, pool
-from reprpo_pl.reprs.transforms import build_transform
+from reprpo_pl.reprs.transforms import build_transform, transform_traits
 from reprpo_pl.reprs.types import ReprBatch
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pkgutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
@@ -22,6 +23,32 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
+
+
+@dataclass(frozen=True)
+class TransformTraits:
+    """What a transform ``T`` of per-token states lets the pooling (and the reference cache) do.
+    Each transform class declares its own as the class attribute ``traits``; `tests/methods/test_ref_cache.py`
+    checks the declarations numerically.
+
+    commutes_with_mean: T is one linear map for every token, ``T(h) = hM`` (no bias, no dependence on
+        other tokens or on the states), so ``T(mmean_t H) = mmean_t T(H)``: pool first, transform ``[B, d]``.
+    preserves_norm: ``‖T(h)‖ = ‖h‖`` (orthogonal M), so attention sinks found on raw norms are the ones
+        found on transformed norms.
+    """
+
+    commutes_with_mean: bool = False
+    preserves_norm: bool = False
+
+
+def transform_traits(transform: nn.Module) -> TransformTraits:
+    """The declared traits of a built transform; a `PerKeyTransform` has those all its per-key modules
+    share. A class that declares none gets neither trait (safe: per-token path, no reference cache)."""
+    if isinstance(transform, PerKeyTransform):
+        each = [transform_traits(module) for module in transform.per_key.values()]
+        return TransformTraits(all(t.commutes_with_mean for t in each), all(t.preserves_norm for t in each))
+    declared = getattr(type(transform), "traits", None)
+    return declared if isinstance(declared, TransformTraits) else TransformTraits()
 
 
 class ReprTransform(nn.Module):

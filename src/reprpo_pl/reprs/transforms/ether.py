@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
+from reprpo_pl.reprs.transforms import TransformTraits
 
 HTYPES = ("ether", "etherplus", "oft", "etherplusHH")
 
@@ -79,6 +80,8 @@ class ETHER(nn.Module):
     orthogonal projection ``W0ᵀW0 x`` onto a random f-dim subspace. ``W_up`` must not start at 0:
     the gradient of every block parameter is proportional to ``W_up``.
     """
+
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=False)  # z = W_up H' W0 blockdiag(H) x: linear, not orthogonal
 
     def __init__(self, dim: int, Htype: str = "ether", nb: int = 2, reduction: int = 60, seed: int = 0) -> None:
         super().__init__()

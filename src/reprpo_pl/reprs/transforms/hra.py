@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
+from reprpo_pl.reprs.transforms import TransformTraits
 
 
 class HRA(nn.Module):
@@ -20,6 +21,8 @@ class HRA(nn.Module):
     which made Gram–Schmidt degenerate). With orthonormal columns the reflections commute and both
     forms equal ``I − 2UUᵀ`` at init, so W is a reflection of an r-dim subspace, not the identity.
     """
+
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True)  # z = xW, W orthogonal
 
     def __init__(self, dim: int, r: int = 8, apply_GS: bool = False) -> None:
         super().__init__()

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from reprpo_pl.errors import UserError
+from reprpo_pl.reprs.transforms import TransformTraits
 
 ORTHOGONAL_MAPS = ("householder", "cayley", "matrix_exp")
 
@@ -23,6 +24,8 @@ class Ortho(nn.Module):
     on the diagonal of the unconstrained matrix and reads them with ``.int()``, so any weight decay
     (1.0 → 0.99 → 0) zeroes W's columns after one AdamW step.
     """
+
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True)  # z = xWᵀ, W orthogonal
 
     def __init__(self, dim: int, orthogonal_map: str = "matrix_exp") -> None:
         super().__init__()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.transforms import ReprTransform, final_norm, gram, unembedding, unwrap_model
+from reprpo_pl.reprs.transforms import ReprTransform, TransformTraits, final_norm, gram, unembedding, unwrap_model
 
 
 class SuppressedActivations(ReprTransform):
@@ -35,6 +35,8 @@ class SuppressedActivations(ReprTransform):
     Parameters: none. ``(WᵀW)⁺`` ``[d, d]`` is a non-persistent buffer; W and the final norm are
     read from the model's own modules at each forward (never copied, trained or saved).
     """
+
+    traits = TransformTraits(commutes_with_mean=False, preserves_norm=False)  # the mask depends on the states
 
     def __init__(
         self,

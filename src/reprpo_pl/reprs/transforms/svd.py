@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.transforms import ReprTransform, embedding, gram, unembedding
+from reprpo_pl.reprs.transforms import ReprTransform, TransformTraits, embedding, gram, unembedding
 
 
 class SVDRemoval(ReprTransform):
@@ -28,6 +28,8 @@ class SVDRemoval(ReprTransform):
     must have the model width d (in side mode, only d-wide modules such as ``o_proj`` inputs);
     ``collection_mode`` is part of the builder's signature and not needed here.
     """
+
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=False)  # z = h − hP
 
     def __init__(
         self,
