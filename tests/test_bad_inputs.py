@@ -12,6 +12,7 @@ subprocesses to prove the contract end to end.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -222,3 +223,14 @@ def test_checkpoint_of_another_config(tmp_path, other):
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     result = run_inprocess([*TINY, CKPT_PLUGIN, other, f"ckpt_path={ckpt}"], tmp_path / "run")
     assert_user_error(result, r"ckpt_path=.*last\.ckpt was trained with another configuration")
+
+
+def test_no_logging_into_a_removed_run_dir(tmp_path):
+    """After a user error removes the run dir, nothing in the process still logs into it (Hydra's
+    train.log handler): a sweep or test session that goes on would fail on every log call."""
+    result = run_inprocess([*TINY, "collection.layers=[7]"], tmp_path / "run")
+    assert result.code == 2 and not (tmp_path / "run").exists()
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    stale = [h.baseFilename for x in loggers for h in x.handlers
+             if isinstance(h, logging.FileHandler) and h.baseFilename.startswith(str(tmp_path))]
+    assert stale == []

@@ -82,5 +82,18 @@ def _raised_in_hydra(tb: TracebackType | None) -> bool:
 def _remove_if_empty(run_dir: Path) -> None:
     keep = {".hydra", "train.log", "eval.log"}
     if run_dir.is_dir() and all(p.name in keep for p in run_dir.iterdir()):
-        logging.shutdown()
+        _detach_file_handlers(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _detach_file_handlers(run_dir: Path) -> None:
+    """Close and remove the logging handlers writing into ``run_dir`` (Hydra's train.log), so that a
+    process that goes on after the error (a sweep, a notebook, a test session) does not log into a
+    removed directory."""
+    root = run_dir.resolve()
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(root):
+                logger.removeHandler(handler)
+                handler.close()
