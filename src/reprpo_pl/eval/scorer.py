@@ -10,8 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reprpo_pl.data.collator import concat_pairs
-from reprpo_pl.methods.logprobs import completion_logps, pack_pairs, supports_packed
+from reprpo_pl.methods.logprobs import completion_logps, pair_model_inputs
 
 
 @dataclass
@@ -47,10 +46,9 @@ def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True,
     model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {}
-    layout = pack_pairs if supports_packed(model) else concat_pairs
     try:
         for batch in tqdm(loader, desc=desc, leave=False):
-            inputs = {k: v.to(device) for k, v in layout(batch).items()}
+            inputs = {k: v.to(device) for k, v in pair_model_inputs(model, batch).items()}
             counts = inputs["completion_mask"].sum(-1).float()
             roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
             for role in roles:

@@ -12,10 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from reprpo_pl.data.collator import concat_pairs
 from reprpo_pl.errors import UserError
 from reprpo_pl.methods.dpo_loss import LOSS_TYPES
-from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps, pack_pairs, supports_packed
+from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps, pair_model_inputs
 from reprpo_pl.methods.ref_cache import RefCache, reference_fingerprint
 from reprpo_pl.models.loading import add_lora, load_base_model
 
@@ -81,8 +80,7 @@ class PreferenceModule(L.LightningModule):
         """The model inputs for a collated batch: `pack_pairs` (prompt encoded once) when this class has
         ``fast_paths``, the model supports it and ``method.packed_forward`` (default true) is on; else
         `concat_pairs`. `pair_logps` and `completion_states` accept either."""
-        packed = self.fast_paths and bool(self.method_cfg.get("packed_forward", True)) and supports_packed(self.model)
-        return pack_pairs(batch) if packed else concat_pairs(batch)
+        return pair_model_inputs(self.model, batch, packed=self.fast_paths and bool(self.method_cfg.get("packed_forward", True)))
 
     def reference_fingerprint(self) -> str:
         """What the cached reference outputs depend on besides the example (see `reference_fingerprint`);

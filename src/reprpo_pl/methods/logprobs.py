@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from reprpo_pl.data.collator import concat_pairs
+
 Agg = Literal["mean", "sum"]
 AGGS = ("mean", "sum")
 PACKED_ATTENTION = ("sdpa", "eager")  # attention implementations that honour a custom 4D mask
@@ -188,6 +190,12 @@ def supports_packed(model: nn.Module) -> bool:
     attention) and the log-probs come from the backbone + frozen unembedding."""
     hf = unwrap(model)
     return getattr(hf.config, "_attn_implementation", None) in PACKED_ATTENTION and frozen_unembedding(model) is not None
+
+
+def pair_model_inputs(model: nn.Module, batch: dict[str, Tensor], packed: bool = True) -> dict[str, Tensor]:
+    """The inputs for running ``model`` on a collated batch of pairs: `pack_pairs` when ``packed`` and the
+    model `supports_packed`, else `concat_pairs`. `completion_logps` accepts either."""
+    return pack_pairs(batch) if packed and supports_packed(model) else concat_pairs(batch)
 
 
 def completion_logps(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
