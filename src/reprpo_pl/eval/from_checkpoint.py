@@ -1,12 +1,16 @@
 """Evaluate a saved adapter on a shift table: rebuild the module from the config stored in its
 checkpoint, load the trainable state, score base vs adapter, write results.json + results.md.
 
-    python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt> [dataset=<source>] [targets=[a,b]] [eval.n_samples=N]
+    python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt | <run dir>/adapter> [dataset=<source>] [targets=[a,b]] [eval.n_samples=N]
+
+The adapter folder (`reprpo_pl.eval.adapter_export`, peft's format) holds the config as config.yaml and
+the state as peft's adapter_model.safetensors plus transform.safetensors.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from reprpo_pl.config import CONF_DIR, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
+from reprpo_pl.eval.adapter_export import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    TRAINER_STATE,
+    load_adapter_state,
+)
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_results
 from reprpo_pl.methods.base import trainable_state_mismatch
@@ -29,22 +40,36 @@ log = logging.getLogger(__name__)
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is an adapter folder in peft's format (it holds adapter_config.json)."""
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
 def checkpoint_file(ckpt_path: Any) -> Path:
-    """The .ckpt file named by ``ckpt_path``: the file itself, or ``<run dir>/checkpoints/last.ckpt``."""
+    """What ``ckpt_path`` names: a .ckpt file; an adapter folder (``<run dir>/adapter``); for a run dir,
+    its ``checkpoints/last.ckpt``, else its ``adapter/``."""
     if ckpt_path is None or str(ckpt_path).strip() == "":
-        raise UserError("ckpt_path is required: pass a training run dir or its .ckpt file, e.g. ckpt_path=outputs/<date>/<time>")
+        raise UserError("ckpt_path is required: pass a training run dir, its .ckpt file or its adapter folder, "
+                        "e.g. ckpt_path=outputs/<date>/<time>")
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
-        if not (path / LAST_CKPT).is_file():
-            raise UserError(f"ckpt_path={ckpt_path}: the directory has no {LAST_CKPT}; pass a .ckpt file or a training run dir")
-        return path / LAST_CKPT
+        if is_adapter_dir(path):
+            return path
+        if (path / LAST_CKPT).is_file():
+            return path / LAST_CKPT
+        if is_adapter_dir(path / ADAPTER_DIR):
+            return path / ADAPTER_DIR
+        raise UserError(f"ckpt_path={ckpt_path}: the directory has no {LAST_CKPT} (nor {ADAPTER_DIR}/{ADAPTER_CONFIG}); "
+                        "pass a .ckpt file, an adapter folder or a training run dir")
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path} does not exist")
     return path
 
 
 def run_dir_of(ckpt: Path) -> Path:
-    """``<run>/checkpoints/x.ckpt`` → ``<run>``; any other file → its folder."""
+    """``<run>/checkpoints/x.ckpt`` → ``<run>``; an adapter folder ``<run>/adapter`` → ``<run>``; any other file → its folder."""
+    if ckpt.is_dir():
+        return ckpt.parent
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
@@ -74,6 +99,27 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
             or "cfg" not in (checkpoint.get("hyper_parameters") or {}):
         raise UserError(f"ckpt_path={ckpt} is not a reprpo_pl checkpoint (it lacks state_dict or hyper_parameters.cfg)")
     return checkpoint
+
+
+def load_adapter_config(folder: Path) -> tuple[dict[str, Any], int | None]:
+    """An adapter folder's run config (config.yaml) and the global step it was exported at (or None)."""
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(f"ckpt_path={folder} is a peft adapter folder without {CONFIG_FILE}, so not a reprpo_pl export; "
+                        "load it with PeftModel.from_pretrained, or pass the run dir")
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    except Exception as e:  # not yaml
+        raise UserError(f"ckpt_path={folder}: cannot read {CONFIG_FILE} ({type(e).__name__})") from None
+    if not isinstance(stored, dict) or not (stored.get("method") or {}).get("_target_"):
+        raise UserError(f"ckpt_path={folder}: {CONFIG_FILE} is not a reprpo_pl run config (it lacks method._target_)")
+    step = None
+    if (folder / TRAINER_STATE).is_file():
+        try:
+            step = json.loads((folder / TRAINER_STATE).read_text()).get("global_step")
+        except (ValueError, AttributeError):
+            step = None
+    return stored, step
 
 
 def _label(cfg: DictConfig) -> str:
@@ -125,14 +171,28 @@ def eval_config(stored: Mapping[str, Any], request: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path) -> Any:
-    """Instantiate ``cfg.method._target_`` and load the checkpoint's trainable state into it."""
+def _instantiate(cfg: DictConfig, ckpt: Path) -> Any:
     try:
         module_cls = get_class(cfg.method._target_)
     except ImportError:
         raise UserError(f"ckpt_path={ckpt}: method._target_={cfg.method._target_} cannot be imported; "
                         "the checkpoint comes from another version of reprpo_pl") from None
-    module = module_cls(cfg)
+    return module_cls(cfg)
+
+
+def build_module_from_adapter(cfg: DictConfig, folder: Path) -> Any:
+    """Instantiate ``cfg.method._target_`` and load an adapter folder's weights into it."""
+    module = _instantiate(cfg, folder)
+    try:
+        load_adapter_state(module, folder)
+    except ValueError as e:
+        raise UserError(f"ckpt_path={folder} does not fit the {_label(cfg)} module its {CONFIG_FILE} describes: {e}") from None
+    return module
+
+
+def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path) -> Any:
+    """Instantiate ``cfg.method._target_`` and load the checkpoint's trainable state into it."""
+    module = _instantiate(cfg, ckpt)
     mismatch = trainable_state_mismatch(state, module.named_parameters())
     if mismatch:
         raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: {mismatch}")
@@ -141,12 +201,17 @@ def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path)
 
 
 def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Score the checkpoint named by ``request.ckpt_path`` and write results into ``out_dir``."""
+    """Score the checkpoint (or adapter folder) named by ``request.ckpt_path`` and write results into ``out_dir``."""
     ckpt = checkpoint_file(request.get("ckpt_path"))
-    checkpoint = load_checkpoint(ckpt)
-    trained = OmegaConf.create(checkpoint["hyper_parameters"]["cfg"])
+    if ckpt.is_dir():  # an adapter folder
+        checkpoint = None
+        stored, global_step = load_adapter_config(ckpt)
+    else:
+        checkpoint = load_checkpoint(ckpt)
+        stored, global_step = checkpoint["hyper_parameters"]["cfg"], checkpoint.get("global_step")
+    trained = OmegaConf.create(stored)
     check_requested(trained, request, ckpt)
-    cfg = eval_config(checkpoint["hyper_parameters"]["cfg"], request)
+    cfg = eval_config(stored, request)
     dataset, names = select_targets(cfg.dataset, request.get("targets"))
     # read (and validate) the data before the model loads. The datamodule also reads n_train training
     # rows, unused here; fewer could all be dropped by tokenisation, which the datamodule rejects.
@@ -154,14 +219,14 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     if names is not None:  # drop the in-domain target if it was only added for the parser
         datamodule.targets = [t for t in datamodule.targets if t.name in names]
         datamodule.eval_text = {n: rows for n, rows in datamodule.eval_text.items() if n in names}
-    module = build_module(cfg, checkpoint["state_dict"], ckpt)
+    module = build_module_from_adapter(cfg, ckpt) if checkpoint is None else build_module(cfg, checkpoint["state_dict"], ckpt)
     if torch.cuda.is_available():
         module.cuda()
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("validate")
-    log.info("evaluating %s (step %s) on %d targets of %s", ckpt, checkpoint.get("global_step"), len(datamodule.targets), dataset.source)
+    log.info("evaluating %s (step %s) on %d targets of %s", ckpt, global_step, len(datamodule.targets), dataset.source)
     targets = evaluate_targets(module.model, datamodule)
-    results = build_results(cfg, targets, global_step=checkpoint.get("global_step"))
+    results = build_results(cfg, targets, global_step=global_step)
     # `dataset` stays the training source (what the adapter learned); `evaluated_on` names the table used
     results.update(dataset=trained.dataset.source, evaluated_on=dataset.source, checkpoint=str(ckpt.resolve()))
     markdown = write_results(out_dir, results)
