@@ -1,14 +1,16 @@
 """``ckpt_path=<run>/checkpoints/last.ckpt`` continues an interrupted run as if it had not stopped.
 
 Checkpoints hold only the trainable parameters (the base weights come from the model loader), the
-optimizer and LR-scheduler state and Lightning's loop counters; `PreferenceDataModule` adds the shuffle
-epoch and how many of its batches were trained, and `ResumableShuffleSampler` (a permutation seeded by
-seed + epoch) skips exactly those. Without that, Lightning restarts a plain DataLoader at the start
-of a fresh permutation mid-epoch (it only warns), so a resumed run trains on the wrong rows.
+optimizer and LR-scheduler state, Lightning's loop counters and the train loader's position: a
+torchdata `StatefulDataLoader` over a `StatefulDistributedSampler` (a permutation seeded by seed +
+epoch that counts the indices it yielded). Without that, Lightning restarts a plain DataLoader at the
+start of the epoch's permutation (it only warns), so a resumed run trains on the wrong rows.
 
 - fast: the real DataModule and Lightning loop with a recording module, interrupted at several points
-  (mid epoch 0, right after the end of epoch 0, mid epoch 1): the resumed run sees exactly the batches
-  the uninterrupted one saw after the checkpoint, in the same order, and ends with the same weights;
+  (mid epoch 0, right after the end of epoch 0, mid epoch 1), with and without reading
+  ``estimated_stepping_batches`` in `configure_optimizers` (which changes when Lightning builds the
+  loader): the resumed run sees exactly the batches the uninterrupted one saw after the checkpoint, in
+  the same order, and ends with the same weights;
 - slow: ``python -m reprpo_pl.train`` SIGKILLed mid-run, resumed in the same run dir, compared with
   an uninterrupted run (tolerances in `test_sigkill_then_resume_matches_an_uninterrupted_run`).
 """
@@ -27,23 +29,26 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runner import REPO, TINY
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from cli_runner import REPO, TINY
-from reprpo_pl.data.datamodule import PreferenceDataModule, ResumableShuffleSampler
+from reprpo_pl.data.datamodule import PreferenceDataModule
 
 N_TRAIN, BATCH = 14, 3  # 5 batches per epoch, the last one short
 PER_EPOCH = math.ceil(N_TRAIN / BATCH)
 
 
 class Recorder(L.LightningModule):
-    """Records the row indices of each training batch; one parameter trained by SGD."""
+    """Records the row indices of each training batch; one parameter trained by SGD. With
+    ``total_steps``, `configure_optimizers` reads ``trainer.estimated_stepping_batches`` as the methods'
+    LR schedule does, which makes Lightning build the train loader before it loads the checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, total_steps: bool = True) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.zeros(3))
         self.seen: list[list[int]] = []
+        self.total_steps = total_steps
 
     def training_step(self, batch, batch_idx):
         self.seen.append(batch["index"].tolist())
@@ -51,6 +56,8 @@ class Recorder(L.LightningModule):
         return ((self.w - target) ** 2).sum()
 
     def configure_optimizers(self):
+        if self.total_steps:
+            assert self.trainer.estimated_stepping_batches == 2 * PER_EPOCH
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -95,41 +102,44 @@ def fit(module: Recorder, dm: PreferenceDataModule, root: Path, callbacks=(), ck
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
 
+@pytest.mark.parametrize("total_steps", [True, False], ids=["total_steps", "no_total_steps"])
 @pytest.mark.parametrize("stop_at", [3, PER_EPOCH + 1, PER_EPOCH + 3], ids=["mid_epoch_0", "after_epoch_0", "mid_epoch_1"])
-def test_resume_sees_the_remaining_batches_in_order(tmp_path, datamodule_factory, stop_at):
-    full = Recorder()
+def test_resume_sees_the_remaining_batches_in_order(tmp_path, datamodule_factory, stop_at, total_steps):
+    full = Recorder(total_steps)
     fit(full, datamodule_factory(), tmp_path / "full")
     assert len(full.seen) == 2 * PER_EPOCH
     assert sorted(i for b in full.seen[:PER_EPOCH] for i in b) == list(range(N_TRAIN))  # each row once per epoch
     assert full.seen[:PER_EPOCH] != full.seen[PER_EPOCH:]  # reshuffled per epoch
 
     run = tmp_path / "run"
-    interrupted = Recorder()
+    interrupted = Recorder(total_steps)
     with pytest.raises(Interrupt):
         fit(interrupted, datamodule_factory(), run, callbacks=[InterruptAt(stop_at)])
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == stop_at - 1
 
-    resumed = Recorder()
+    resumed = Recorder(total_steps)
     fit(resumed, datamodule_factory(), run, ckpt_path=run / "checkpoints" / "last.ckpt")
     assert interrupted.seen[: stop_at - 1] + resumed.seen == full.seen
     assert torch.equal(resumed.w, full.w)  # SGD momentum and the step count came back too
 
 
-def test_sampler_order_depends_only_on_seed_and_epoch():
-    data = list(range(10))
-    a = ResumableShuffleSampler(data, num_replicas=1, rank=0, seed=3)
-    b = ResumableShuffleSampler(data, num_replicas=1, rank=0, seed=3)
-    torch.manual_seed(123)  # the global RNG plays no part
-    first = list(a)
-    b.set_epoch(1)
-    assert list(b) != first
-    b.set_epoch(0)
-    b.skip_once(4)
-    assert list(b) == first[4:] and list(b) == first  # the skip applies to one pass only
-    assert len(b) == 10
-    shards = [list(ResumableShuffleSampler(data, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
-    assert sorted(shards[0] + shards[1]) == data
+def test_shuffle_depends_only_on_the_seed_and_epoch(datamodule_factory, monkeypatch):
+    dm = datamodule_factory()
+    dm.setup()
+
+    def order(epoch: int = 0) -> list[int]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+        return [i for batch in loader for i in batch["index"].tolist()]
+
+    torch.manual_seed(123)
+    first = order()
+    torch.manual_seed(456)  # the global RNG plays no part
+    assert order() == first and sorted(first) == list(range(N_TRAIN))
+    assert order(epoch=1) != first
+    monkeypatch.setenv("PL_GLOBAL_SEED", "8")
+    assert order() != first
 
 
 # ---- end to end ------------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import lightning as L
 from datasets import Dataset
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from reprpo_pl.data.collator import PreferenceCollator
@@ -23,35 +24,18 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
-class ResumableShuffleSampler(DistributedSampler):
-    """Torch's `DistributedSampler` (a permutation seeded by ``seed + epoch``, a shard per rank; Lightning
-    calls `set_epoch`, and keeps it in DDP instead of wrapping it) that can skip the first indices of its
-    next pass: a run resumed mid-epoch then sees exactly the rows the interrupted run had not reached.
-    ``len`` stays the full shard, so Lightning's step counts (and the LR schedule) match an uninterrupted run."""
-
-    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self._skip = 0
-
-    def skip_once(self, n_indices: int) -> None:
-        self._skip = n_indices
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip, self._skip = self._skip, 0
-        return iter(indices[skip:])
-
-
-class _ResumableDataLoader(DataLoader):
-    """Tells Lightning the loader resumes mid-epoch (it checks for ``state_dict``/``load_state_dict`` and
-    otherwise warns that a mid-epoch resume is unreliable). The position itself is saved by
-    `PreferenceDataModule.state_dict` and applied to the sampler when the loader is built."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+class _TrainLoader(StatefulDataLoader):
+    """torchdata's `StatefulDataLoader`, except that a state saved after the last batch of an epoch
+    starts the next epoch. Lightning ends an epoch after ``len(loader)`` batches without asking for
+    another, so the iterator never raises StopIteration and such a state reads "epoch not finished,
+    nothing left": torchdata would resume that empty epoch and the run would skip a whole epoch. The
+    shuffle needs nothing else from the state (the sampler's permutation is set by seed and epoch)."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        # ``_num_yielded``: batches yielded this epoch by the single-process iterator (num_workers=0 here)
+        if state_dict.get("_num_yielded", 0) >= len(self):
+            state_dict = {}
+        super().load_state_dict(state_dict)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -74,9 +58,7 @@ class PreferenceDataModule(L.LightningDataModule):
         # evaluation rows are fixed by eval.seed, not the run's seed, so every run scores the same pairs
         self.eval_text = {t.name: load_pairs(t.name, "test", n=n_eval, seed=eval.get("seed", 0), **roots) for t in self.targets}
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self._train_sampler: ResumableShuffleSampler | None = None
-        self._epoch_seen: tuple[int, int] = (0, 0)  # (shuffle epoch, batches of it trained on)
-        self._resume_state: dict[str, Any] | None = None
+        self._loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
 
@@ -104,40 +86,34 @@ class PreferenceDataModule(L.LightningDataModule):
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by `ResumableShuffleSampler`: the order depends only on (seed, epoch), and a run
-        resumed from a mid-epoch checkpoint continues with the batches it had not trained on yet."""
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled by torchdata's `StatefulDistributedSampler`: torch's `DistributedSampler` (a permutation
+        seeded by ``seed + epoch``, one shard per rank; Lightning calls `set_epoch`, and keeps a
+        DistributedSampler as it is in DDP instead of wrapping it) that counts the indices it yielded. The
+        loader's ``state_dict`` (that count) goes into every checkpoint, so a run resumed mid-epoch
+        continues with exactly the batches it had not trained on yet."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # the run's seed (seed_everything exports it), as Lightning's own DistributedSampler uses
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        self._train_sampler = ResumableShuffleSampler(self.train_set, num_replicas=world, rank=rank, seed=seed)
-        if self._resume_state is not None:
-            epoch, seen = self._resume_state["epoch"], self._resume_state["batches_seen"]
-            per_epoch = math.ceil(self._train_sampler.num_samples / self.batch_size)
-            if seen >= per_epoch:  # saved at the end of an epoch: start the next one
-                epoch, seen = epoch + 1, 0
-            self._train_sampler.set_epoch(epoch)
-            self._train_sampler.skip_once(seen * self.batch_size)
-            self._epoch_seen = (epoch, seen)
-            self._resume_state = None
-        return _ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self._train_sampler, collate_fn=self.collator)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches taken in the current epoch (not the ones prefetched)."""
-        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
-            epoch, seen = self._epoch_seen
-            epoch_now = self._train_sampler.epoch
-            self._epoch_seen = (epoch_now, seen + 1 if epoch_now == epoch else 1)
-        return batch
+        sampler = StatefulDistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        loader = _TrainLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator)
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        return loader
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch of the shuffle and how many of its batches were trained on."""
-        epoch, seen = self._epoch_seen
-        return {"epoch": epoch, "batches_seen": seen}
+        """The training loader's position, saved in checkpoints. Lightning's fit loop saves it too, but
+        restores it only if the loader is built after the checkpoint is loaded; ``configure_optimizers``
+        asks for ``trainer.estimated_stepping_batches``, which builds it before (Lightning 2.6, issue
+        #20550), and the resumed run would restart the epoch. The data module's state is loaded before
+        the strategy setup (DDP and single device), so `train_dataloader` can apply it."""
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return {"train_loader": loader.state_dict()} if isinstance(loader, StatefulDataLoader) else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_state = dict(state_dict)
+        self._loader_state = state_dict.get("train_loader")
 
     def eval_dataloader(self, target: str) -> DataLoader:
         return DataLoader(self.eval_sets[target], batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collator)
