@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
+from tabulate import tabulate
 
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
@@ -128,6 +129,12 @@ def config_differences(runs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # ---- tables -----------------------------------------------------------------------------------
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub markdown table of preformatted cells: no number parsing, and cells are not padded to the
+    column width (``| base | 0.500 (n=6) |``), so each row reads the same whatever the other rows hold."""
+    return tabulate(list(rows), headers=list(headers), tablefmt="github", disable_numparse=True, stralign=None, numalign=None)
+
+
 class Section:
     """The runs of one model trained on one source, grouped by label (insertion order kept)."""
 
@@ -183,11 +190,8 @@ def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
 
 
 def shift_table(section: Section, metric: str, confidence: float) -> str:
-    stats_ = section.shift_stats(metric, confidence)
-    lines = ["| adapter | " + " | ".join(section.shifts) + " |", "|---" * (len(section.shifts) + 1) + "|"]
-    for label, cells in stats_.items():
-        lines.append(f"| {label} | " + " | ".join(fmt_cell(*cells[s]) for s in section.shifts) + " |")
-    return "\n".join(lines)
+    rows = [[label, *(fmt_cell(*cells[s]) for s in section.shifts)] for label, cells in section.shift_stats(metric, confidence).items()]
+    return markdown_table(["adapter", *section.shifts], rows)
 
 
 def render_report(sections: Sequence[Section], metric: str, confidence: float, n_skipped: int) -> str:
@@ -198,14 +202,13 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section in sections:
         lines += [f"## {section.title}", "", f"### {metric} per shift type", "", shift_table(section, metric, confidence), ""]
-        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts) and wall time per run", "",
-                  "| adapter | objective | train s | eval s | seeds |", "|---|---|---|---|---|"]
+        rows = []
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
             times = [fmt_seconds(*mean_ci([(r.get("timing") or {}).get(k) for r in runs], confidence)) for k in ("train_s", "eval_s")]
-            lines.append(f"| {label} | {fmt_cell(*mean_ci([r.get('objective') for r in runs], confidence))} | "
-                         f"{' | '.join(times)} | {seeds} |")
-        lines.append("")
+            rows.append([label, fmt_cell(*mean_ci([r.get("objective") for r in runs], confidence)), *times, seeds])
+        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts) and wall time per run", "",
+                  markdown_table(["adapter", "objective", "train s", "eval s", "seeds"], rows), ""]
         notes = [(label, config_differences(runs)) for label, runs in section.groups.items()]
         notes = [(label, keys) for label, keys in notes if keys]
         if notes:
@@ -214,12 +217,9 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
             lines.append("")
         target_stats = section.target_stats(metric, confidence)
         labels = list(next(iter(target_stats.values())).keys()) if target_stats else []
-        lines += [f"### {metric} per target", "", "| target | shift | " + " | ".join(labels) + " |",
-                  "|---|---" + "|---" * len(labels) + "|"]
         shift_of = dict(section.targets)
-        for target, cells in target_stats.items():
-            lines.append(f"| {target} | {shift_of[target]} | " + " | ".join(fmt_cell(*cells[lb]) for lb in labels) + " |")
-        lines.append("")
+        rows = [[target, shift_of[target], *(fmt_cell(*cells[lb]) for lb in labels)] for target, cells in target_stats.items()]
+        lines += [f"### {metric} per target", "", markdown_table(["target", "shift", *labels], rows), ""]
     return "\n".join(lines)
 
 
