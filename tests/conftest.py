@@ -1,12 +1,20 @@
-"""Shared fixtures: the SmolLM2 tokenizer, a tiny random Llama with the same vocabulary (bare and
-with a LoRA adapter), and a handful of hand-written preference pairs."""
+"""Shared fixtures: composed configs (`compose_train`, `cfg_train`), the SmolLM2 tokenizer, a tiny
+random Llama with the same vocabulary (bare and with a LoRA adapter), and a handful of hand-written
+preference pairs."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
 from datasets import Dataset
+from hydra import compose, initialize_config_dir, initialize_config_module
+from omegaconf import DictConfig
 
+import reprpo_pl.config  # noqa: F401  (registers the resolvers the configs use, e.g. ${precision:})
 from reprpo_pl.models.loading import SMOLLM2_GGUF, add_lora, convert_gguf
 from reprpo_pl.models.tiny import tiny_llama
 
@@ -16,6 +24,34 @@ torch.set_num_threads(1)
 
 # r=8 keeps the tiny adapter small; the rest matches conf/adapter/lora.yaml (SPEC §4)
 TINY_LORA = {"r": 8, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+CONF_MODULE = "reprpo_pl.conf"
+# train.yaml on the tiny random Llama, on CPU, for two optimiser steps of two pairs
+TINY_TRAIN = ["model=tiny_random", "adapter.r=8", "trainer.accelerator=cpu", "trainer.max_steps=2", "data.n_train=4",
+              "data.batch_size=2", "eval.n_samples=2", "callbacks.generations.enabled=false"]
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """``config_name`` (train, eval) with ``overrides``, composed as the CLI composes it: from the
+    installed package ``reprpo_pl.conf`` (Hydra's ``pkg://`` search path), not from a file path."""
+    if importlib.util.find_spec(CONF_MODULE) is not None:
+        hydra_context = initialize_config_module(config_module=CONF_MODULE, version_base="1.3")
+    else:  # a checkout whose conf/ is not installed as reprpo_pl.conf yet: the repository's folder
+        hydra_context = initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3")
+    with hydra_context:
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def compose_train(overrides: Sequence[str] = ()) -> DictConfig:
+    """train.yaml with ``overrides`` (no defaults added: pass `TINY_TRAIN` for the tiny CPU run)."""
+    return compose_config("train", overrides)
+
+
+@pytest.fixture
+def cfg_train() -> DictConfig:
+    """train.yaml composed with `TINY_TRAIN` (the default method, innerdpo, on the tiny model, 2 CPU steps);
+    a fresh copy per test, so a test may edit it."""
+    return compose_train(TINY_TRAIN)
 
 
 @pytest.fixture(scope="session")

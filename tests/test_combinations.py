@@ -29,12 +29,12 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from conftest import compose_train
 import reprpo_pl.methods.base as methods_base
 from reprpo_pl.config import CONF_DIR
 from reprpo_pl.data.collator import concat_pairs
@@ -79,11 +79,6 @@ HIDDEN_DIAGNOSTICS = ["train/hidden/signed_proj", "train/hidden/cos_pi_ref", "tr
 
 
 # ---- enumeration ---------------------------------------------------------------------------------
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def yaml_names(group: str) -> list[str]:
@@ -142,7 +137,7 @@ def combinations() -> list[Any]:
     reprpo_methods, pinned = [], {}
     for method in methods:
         try:
-            cfg = compose_cfg(["model=tiny_random", f"method={method}"])
+            cfg = compose_train(["model=tiny_random", f"method={method}"])
         except Exception:  # a broken yaml fails its own test (composing it again there), not the collection
             params.append(pytest.param(Combo(method, None, None, None, [f"method={method}"]), id=method))
             continue
@@ -207,7 +202,7 @@ def cached_base_model():
 @pytest.fixture(scope="module")
 def datamodule(tokenizer) -> PreferenceDataModule:
     """The math training pairs, tokenised once for the whole module."""
-    cfg = compose_cfg(TINY)
+    cfg = compose_train(TINY)
     dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
     dm.tokenizer = tokenizer
     dm.setup("fit")
@@ -245,7 +240,7 @@ class MemoryLogger(Logger):
 
 
 def build(combo: Combo):
-    cfg = compose_cfg(TINY + combo.overrides)
+    cfg = compose_train(TINY + combo.overrides)
     if combo.side_modules is not None:
         cfg.collection.modules = combo.side_modules
     if combo.loss is not None:
@@ -372,7 +367,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("overrides", "message"), INVALID)
 def test_invalid_combination_raises(overrides: list[str], message: str):
-    cfg = compose_cfg(TINY + ["method=innerdpo", *overrides])
+    cfg = compose_train(TINY + ["method=innerdpo", *overrides])
     with pytest.raises(UserError, match=message):
         get_class(cfg.method._target_)(cfg)
 
@@ -384,8 +379,8 @@ def test_generic_reprpo_matches_named_methods(loss: str):
     named = [m for m in yaml_names("method") if pinned_loss(m) == loss]
     if not named:
         pytest.skip(f"no named method pins loss {loss}: the generic reprpo runs it in test_combination_trains")
-    generic = compose_cfg(["method=reprpo", f"loss={loss}"])
+    generic = compose_train(["method=reprpo", f"loss={loss}"])
     for method in named:
-        cfg = compose_cfg([f"method={method}"])
+        cfg = compose_train([f"method={method}"])
         assert cfg.loss == generic.loss
         assert {k: v for k, v in cfg.method.items() if k != "name"} == {k: v for k, v in generic.method.items() if k != "name"}

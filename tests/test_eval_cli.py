@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from reprpo_pl.config import CONF_DIR
+from conftest import compose_config
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.from_checkpoint import build_module, evaluate_checkpoint, load_checkpoint
 
@@ -42,8 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def eval_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="eval", overrides=list(overrides))
+    return compose_config("eval", overrides)
 
 
 def test_checkpoint_holds_trainable_state_and_config(run_dir):

@@ -8,11 +8,10 @@ import math
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from reprpo_pl.config import CONF_DIR
+from conftest import compose_train
 from reprpo_pl.data.datamodule import PreferenceDataModule
 
 torch.set_num_threads(1)
@@ -35,8 +34,7 @@ TINY = ["model=tiny_random", "adapter.r=8", "collection.layers=[1,2]", "data.n_t
 
 
 def compose_experiment(name: str, *overrides: str) -> DictConfig:
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"experiment={name}", *overrides])
+    return compose_train([f"experiment={name}", *overrides])
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

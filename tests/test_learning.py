@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.data import DataLoader
 
-from reprpo_pl.config import CONF_DIR
+from conftest import compose_train
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
@@ -49,8 +48,7 @@ def accuracy(scores: RowScores) -> float:
 
 def train_and_score(method: str, lr: float, root: Path) -> dict[str, float | list[float]]:
     """Fit ``method`` on the 16 pairs and score the base and the adapter on them before and after."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*OVERRIDES, f"method={method}", f"method.lr={lr}"])
+    cfg = compose_train([*OVERRIDES, f"method={method}", f"method.lr={lr}"])
     torch.manual_seed(cfg.seed)
     module = get_class(cfg.method._target_)(cfg)
     datamodule = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)

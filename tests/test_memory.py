@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from conftest import compose_train
 import reprpo_pl.methods.logprobs as logprobs
 from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
@@ -107,16 +108,12 @@ def test_completion_logps_on_tiny_model_has_no_vocab_sized_activation(tiny_peft,
 
 
 def _innerdpo(gradient_checkpointing: bool, mode: str):
-    from hydra import compose, initialize_config_dir
-
-    from reprpo_pl.config import CONF_DIR
     from reprpo_pl.methods.reprpo import ReprPOModule
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "model=tiny_random", "method=innerdpo", "transform=ether", "adapter.r=8", "collection.layers=[1,2]",
-            f"model.gradient_checkpointing={str(gradient_checkpointing).lower()}", f"collection.mode={mode}",
-        ])
+    cfg = compose_train([
+        "model=tiny_random", "method=innerdpo", "transform=ether", "adapter.r=8", "collection.layers=[1,2]",
+        f"model.gradient_checkpointing={str(gradient_checkpointing).lower()}", f"collection.mode={mode}",
+    ])
     module = ReprPOModule(cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

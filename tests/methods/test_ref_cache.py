@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import compose_train
 from reprpo_pl.config import CONF_DIR
 from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
@@ -24,9 +24,7 @@ EPOCH2 = [[4, 0, 2], [5, 1, 3]]  # other batch compositions (and so other paddin
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny_random", "adapter.r=8", "collection.layers=[1,2]", *overrides])
-    return cfg
+    return compose_train(["model=tiny_random", "adapter.r=8", "collection.layers=[1,2]", *overrides])
 
 
 def make_module(*overrides: str):
