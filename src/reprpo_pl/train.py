@@ -17,12 +17,14 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from reprpo_pl.config import CONF_DIR, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
+from reprpo_pl.progress import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ for _name, _fn in (("ensure_dir", _ensure_dir), ("optuna_seed", _optuna_seed), (
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Fit ``cfg.method`` and return the results document (also written to ``run_dir``)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    quiet_third_party()
     datamodule = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)  # validates data before the model loads
     try:
         module_cls = get_class(cfg.method._target_)
@@ -69,9 +72,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("fit")  # tokenisation errors surface before Lightning's banner
     callbacks = []
+    progress_bar = bool(cfg.trainer.get("enable_progress_bar", True))
     for name, cb_cfg in cfg.callbacks.items():
         kwargs = {"dirpath": run_dir / "checkpoints"} if name == "checkpoint" else {}
-        callbacks.append(instantiate(cb_cfg, **kwargs))
+        callback = instantiate(cb_cfg, **kwargs)
+        if progress_bar or not isinstance(callback, ProgressBar):  # Lightning refuses a bar with enable_progress_bar=false
+            callbacks.append(callback)
     loggers = [instantiate(lg, save_dir=str(run_dir)) for lg in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                                      detect_anomaly=bool(cfg.debug.detect_anomaly))

@@ -34,6 +34,7 @@ from reprpo_pl.eval.adapter_export import (
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_results
 from reprpo_pl.methods.base import trainable_state_mismatch
+from reprpo_pl.progress import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_third_party()
     try:
         results = run_cli(lambda: evaluate_checkpoint(cfg, out_dir), run_dir=out_dir)
     finally:  # a failed evaluation leaves no empty <run dir>/eval (or outputs/eval) behind

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from peft import PeftModel
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from reprpo_pl.methods.logprobs import completion_logps, pair_model_inputs
+from reprpo_pl.progress import is_terminal
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,13 +47,17 @@ def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True,
     """Score every pair of ``loader`` with the adapter and/or with it disabled, batch by batch.
 
     Uses the packed layout (each prompt encoded once for both completions) where the model supports
-    it. Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for)."""
+    it. Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for).
+
+    Progress: on a terminal a transient tqdm bar (Lightning's class, on stdout like its training bar,
+    below it when one is open); elsewhere one log line per call, ``<desc>: <n> pairs in <t> s``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {}
+    started, terminal = time.perf_counter(), is_terminal()
     try:
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in Tqdm(loader, desc=desc, leave=False, disable=not terminal, dynamic_ncols=True, file=sys.stdout):
             inputs = {k: v.to(device) for k, v in pair_model_inputs(model, batch).items()}
             counts = inputs["completion_mask"].sum(-1).float()
             roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
@@ -60,4 +70,7 @@ def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True,
                 parts.setdefault(role, []).append(torch.stack([*sums.chunk(2), *counts.chunk(2)]).float().cpu())
     finally:
         model.train(was_training)
-    return {role: RowScores(*torch.cat(chunks, dim=1)) for role, chunks in parts.items()}
+    scores = {role: RowScores(*torch.cat(chunks, dim=1)) for role, chunks in parts.items()}
+    if not terminal and scores:
+        log.info("%s: %d pairs in %.1f s", desc, next(iter(scores.values())).logp_cho.numel(), time.perf_counter() - started)
+    return scores

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -155,6 +156,11 @@ def add_lora(model: PreTrainedModel, adapter_cfg: Mapping) -> PeftModel:
     cfg.pop("name", None)
     try:
         lora = LoraConfig(task_type="CAUSAL_LM", **cfg)
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5
+            # deprecates (FutureWarning from its property); nothing in our call can avoid it
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                    module=r"transformers\.modeling_utils")
+            return get_peft_model(model, lora)
     except (TypeError, ValueError) as e:
         raise UserError(f"adapter config {cfg} is invalid: {e}") from None
