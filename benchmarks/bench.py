@@ -411,19 +411,21 @@ class Gate:
 
 
 def bench_config(system: str, args: argparse.Namespace, epochs: int):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from reprpo_pl.config import CONF_DIR
+    from reprpo_pl.config import CONF_MODULE
 
     method = {"trl": "dpo"}.get(system, system)
+    transform = ["transform=ether"] if method != "dpo" else []  # only ReprPO methods have a transform
     overrides = [
-        f"method={method}", "transform=ether", "model=smollm2_135m", "dataset=math",
+        f"method={method}", *transform, "model=smollm2_135m", "dataset=math",
         f"adapter.r={args.lora_r}", "adapter.lora_alpha=16", "adapter.lora_dropout=0.0",
-        f"data.n_train={2 * args.pairs}",  # spare rows: tokenisation drops a few f"data.batch_size={args.batch_size}",
+        f"data.n_train={2 * args.pairs}",  # spare rows: tokenisation drops a few
+        f"data.batch_size={args.batch_size}",
         f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
         "method.lr=6e-5", f"trainer.max_epochs={epochs}", "ref_cache.enabled=true",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides)
 
 

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_GENIES = REPO / "src" / "reprpo_pl" / "embedded" / "genies"
 # the 4-block random Llama; the default layer spec 0.5:-2 selects nothing at L=4
-TINY = ["model=tiny_random", "collection.layers=0.5:", "data.n_train=4", "data.batch_size=2", "eval.n_samples=2",
+TINY = ["model=tiny_random", "data.n_train=4", "data.batch_size=2", "eval.n_samples=2",
         "callbacks.generations.enabled=false"]
 
 

@@ -4,14 +4,12 @@ preference pairs."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Sequence
 
 import pytest
 import torch
 from datasets import Dataset
-from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 import reprpo_pl.config  # noqa: F401  (registers the resolvers the configs use, e.g. ${precision:})
@@ -34,11 +32,7 @@ TINY_TRAIN = ["model=tiny_random", "adapter.r=8", "trainer.accelerator=cpu", "tr
 def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """``config_name`` (train, eval) with ``overrides``, composed as the CLI composes it: from the
     installed package ``reprpo_pl.conf`` (Hydra's ``pkg://`` search path), not from a file path."""
-    if importlib.util.find_spec(CONF_MODULE) is not None:
-        hydra_context = initialize_config_module(config_module=CONF_MODULE, version_base="1.3")
-    else:  # a checkout whose conf/ is not installed as reprpo_pl.conf yet: the repository's folder
-        hydra_context = initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3")
-    with hydra_context:
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 

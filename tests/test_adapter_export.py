@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cli_runner import TINY, run_inprocess
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -58,8 +58,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AdapterExport, "on_train_end", catch)
         for name, overrides in RUNS.items():
-            layers = ["collection.layers=0.5:"] if name != "dpo" else []  # the tiny model's 4 blocks
-            result = run_inprocess([*[o for o in FAST if not o.startswith("collection.")], *layers, *overrides], tmp / name)
+            result = run_inprocess([*FAST, *overrides], tmp / name)
             assert result.code == 0, result.stderr[-3000:]
             out[name] = (tmp / name, trained[name])
     return out
@@ -126,8 +125,7 @@ def test_load_adapter_state_restores_module(runs):
 
 
 def eval_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="eval", overrides=list(overrides))
+    return compose_config("eval", overrides)
 
 
 def run_eval_cli(*overrides: str) -> None:

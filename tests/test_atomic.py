@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import REPO, TINY
 from lightning.fabric.plugins import TorchCheckpointIO
 
 import reprpo_pl.checkpoint_io as checkpoint_io
-from cli_runner import REPO, TINY
 from reprpo_pl.checkpoint_io import AtomicCheckpointIO
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval import results as results_module

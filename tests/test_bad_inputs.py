@@ -20,7 +20,6 @@ from typing import Callable
 
 import pytest
 import torch
-
 from cli_runner import EMBEDDED_GENIES, TINY, CliResult, run_inprocess, run_subprocess
 
 LONG_PROMPT = "Consider the following long question. " * 80

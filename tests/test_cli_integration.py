@@ -127,6 +127,6 @@ def test_train_cli_writes_results(method: str, transform: str | None, loss: str 
     assert state and all(".lora_" in k or k.startswith("transform.") for k in state), sorted(state)[:5]
     assert any(k.startswith("transform.") for k in state) == (transform is not None)
     assert all(torch.isfinite(v).all() for v in state.values())
-    with open(run_dir / "metrics.csv") as f:
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)

@@ -12,7 +12,7 @@ collection modes ``hs`` and ``side``), built once, and fitted for two optimiser 
 - frozen tensors (embedding, a LoRA ``base_layer`` weight, a norm, transform buffers) are unchanged;
 - the reference (adapter disabled) log-probs are bit-identical before and after.
 
-DPO-like methods (``uses_transform: false``) ignore transform and loss and run once. A ReprPO
+DPO-like methods (no transform, loss or collection section) run once. A ReprPO
 method that pins its loss (``override /loss: X`` in its yaml) runs with that loss; a generic one
 (``reprpo``) runs the losses no named method pins (`test_generic_reprpo_matches_named_methods`
 checks that ``method=reprpo loss=X`` is ``method=X``). Invalid combinations are skipped with their
@@ -29,25 +29,26 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import compose_train
 import reprpo_pl.methods.base as methods_base
 from reprpo_pl.config import CONF_DIR
-from reprpo_pl.data.collator import concat_pairs
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
+from reprpo_pl.models.pair_layouts import concat_pairs
+from reprpo_pl.reprs.transforms import transform_traits
 from reprpo_pl.reprs.transforms.ether import HTYPES
 
 CONF = Path(CONF_DIR)
 LAYERS = [1, 2]  # the tiny model has L=4; the default "0.5:-2" is empty there
 LAST_LAYER = max(LAYERS)
+COLLECT = [f"collection.layers=[{','.join(map(str, LAYERS))}]"]  # ReprPO methods only
 TINY = [
     "model=tiny_random",
-    f"collection.layers=[{','.join(map(str, LAYERS))}]",
     # 8 math rows → 4 survive max_length=40 (the others' completions are identical after truncation):
     # one batch of 4 pairs, completions ≤ 24 tokens (the 49k vocab dominates a step)
     "data.n_train=8",
@@ -60,14 +61,6 @@ O_PROJ_ONLY = [r"self_attn\.o_proj$"]  # side collection of d-wide states only (
 # Two epochs of the one batch: LoRA B starts at 0, so lora_A only gets a gradient from the second step
 # on; and the second step reads the reference cache where the method has one.
 N_STEPS = 2
-
-# Losses with no log-prob term: only the adapter up to the last collected layer can move them.
-HIDDEN_ONLY_LOSSES = {"mse", "topk"}
-# rank's log-prob term is relu(−ρ): no gradient at ρ = 0 (step 1), maybe one later, so layers after
-# the last collected one may or may not move; not checked either way.
-MAYBE_HIDDEN_ONLY_LOSSES = {"rank"}
-
-LEARNABLE_TRANSFORMS = {"ether", "hra", "ortho"}  # none, svd and supr have no parameters
 
 DPO_DIAGNOSTICS = [
     "train/loss",
@@ -141,7 +134,7 @@ def combinations() -> list[Any]:
         except Exception:  # a broken yaml fails its own test (composing it again there), not the collection
             params.append(pytest.param(Combo(method, None, None, None, [f"method={method}"]), id=method))
             continue
-        if not cfg.method.get("uses_loss", False):
+        if "loss" not in cfg:
             params.append(pytest.param(Combo(method, None, None, None, [f"method={method}"]), id=method))
             continue
         reprpo_methods.append(method)
@@ -240,7 +233,7 @@ class MemoryLogger(Logger):
 
 
 def build(combo: Combo):
-    cfg = compose_train(TINY + combo.overrides)
+    cfg = compose_train(TINY + (COLLECT if combo.loss is not None else []) + combo.overrides)
     if combo.side_modules is not None:
         cfg.collection.modules = combo.side_modules
     if combo.loss is not None:
@@ -306,8 +299,8 @@ def test_combination_trains(combo: Combo, datamodule: PreferenceDataModule, tmp_
     assert trainable == lora | transform_params, f"unexpected trainable parameters: {sorted(trainable - lora - transform_params)}"
     if combo.loss is None:
         assert not transform_params, "a DPO-like method should have no transform parameters"
-    elif combo.transform.split("-")[0] in LEARNABLE_TRANSFORMS:
-        assert transform_params, f"transform {combo.transform} has no trainable parameters"
+    else:  # what the transform class declares
+        assert bool(transform_params) == transform_traits(module.transform).learnable, combo.transform
     frozen = [
         next(n for n in params if n.endswith("embed_tokens.weight")),
         next(n for n in params if ".layers.0." in n and n.endswith("q_proj.base_layer.weight")),
@@ -335,11 +328,14 @@ def test_combination_trains(combo: Combo, datamodule: PreferenceDataModule, tmp_
 
     # which parameters moved
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    if combo.loss in HIDDEN_ONLY_LOSSES | MAYBE_HIDDEN_ONLY_LOSSES:
+    # what the loss class declares: with no log-prob gradient at ρ = 0 (step 1) only the adapter up to the
+    # last collected layer must move; with no log-prob term at all, the adapter after it must not
+    logprob_term = module.loss_fn.logprob_term if combo.loss is not None else "smooth"
+    if logprob_term != "smooth":
         upstream = {n for n in lora if (layer_of(n) or 0) < LAST_LAYER or (
             layer_of(n) == LAST_LAYER and upstream_in_last_layer(n, combo))}
         must_change = upstream | transform_params
-        if combo.loss in HIDDEN_ONLY_LOSSES:
+        if logprob_term == "none":
             downstream = {n for n in lora if (layer_of(n) or 0) > LAST_LAYER}
             assert downstream and not (moved := downstream & changed), f"adapter after the last collected layer moved: {sorted(moved)}"
     else:
@@ -367,7 +363,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("overrides", "message"), INVALID)
 def test_invalid_combination_raises(overrides: list[str], message: str):
-    cfg = compose_train(TINY + ["method=innerdpo", *overrides])
+    cfg = compose_train(TINY + COLLECT + ["method=innerdpo", *overrides])
     with pytest.raises(UserError, match=message):
         get_class(cfg.method._target_)(cfg)
 

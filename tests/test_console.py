@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_runner import REPO, TINY
+
 from reprpo_pl.progress import Bar, StepLog, _duration, console_progress
 
 STEP_LINE = re.compile(r"\[reprpo_pl\.progress\]\[INFO\] - step (\d+)/(\d+) loss \S+ [\d.]+ s/step ETA \d+:\d\d$")

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from reprpo_pl.errors import UserError
-from reprpo_pl.eval.from_checkpoint import build_module, evaluate_checkpoint, load_checkpoint
+from reprpo_pl.eval.from_checkpoint import (
+    build_module,
+    evaluate_checkpoint,
+    load_checkpoint,
+)
 
 # a tiny, short run: 1 training step, 3 targets of 3 pairs each
-FAST = ["model=tiny_random", "collection.layers=0.5:", "data.n_train=4", "data.max_length=128", "data.max_prompt_length=64",
+FAST = ["model=tiny_random", "data.n_train=4", "data.max_length=128", "data.max_prompt_length=64",
         "eval.n_samples=3", "eval.batch_size=4", "callbacks.generations.max_new_tokens=4",
         "dataset.targets=[{name:math,shift:in_domain},{name:change_my_view,shift:cross_domain},"
         "{name:us_history_textbook,shift:orthogonal}]"]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra.utils import get_class, instantiate
 from torch.utils.data import DataLoader
 
-from conftest import compose_train
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 

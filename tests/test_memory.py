@@ -11,14 +11,15 @@ import warnings
 
 import pytest
 import torch
+from conftest import compose_train
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import compose_train
-import reprpo_pl.methods.logprobs as logprobs
+import reprpo_pl.models.logprobs as logprobs
 from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
-from reprpo_pl.methods.logprobs import completion_logps, linear_token_logps, pack_pairs, token_logps
+from reprpo_pl.models.logprobs import completion_logps, linear_token_logps, token_logps
+from reprpo_pl.models.pair_layouts import pack_pairs
 
 
 class Allocations(TorchDispatchMode):

@@ -28,7 +28,8 @@ def fake_results(method: str, seed: int, accs: dict[str, float], acc_base: float
         shifts[shift] = {"n_targets": len(rows), "n": 24 * len(rows),
                          **{k: float(np.mean([r[k] for r in rows])) for k in ("acc_base", "acc", "acc_gain_vs_ref")}}
     objective = float(np.mean([shifts[s]["acc_gain_vs_ref"] for s in ("cross_domain", "orthogonal")]))
-    return {"method": method, "transform": transform, "loss": loss, "model": "tiny_random", "dataset": "math",
+    label = "/".join([method, *([transform] if transform else []), *([loss] if loss and loss != method else [])])
+    return {"label": label, "method": method, "transform": transform, "loss": loss, "model": "tiny_random", "dataset": "math",
             "seed": seed, "n_train": 8, "global_step": 2, "objective": objective, "targets": targets, "shifts": shifts,
             "timing": {"train_s": 100.0 + seed, "eval_s": 50.0},
             "config": {"seed": seed, "method": {"name": method, "lr": lr}}}
@@ -94,7 +95,7 @@ def test_report_tables_and_ci(sweep, capsys):
     out = capsys.readouterr().out
     assert "found 6 runs in 2 groups; skipped 1 run dirs without results.json" in out
     assert "1 run dirs without results.json skipped" in md
-    for method, label in (("dpo", "dpo"), ("innerdpo", "innerdpo/ether/innerdpo")):
+    for method, label in (("dpo", "dpo"), ("innerdpo", "innerdpo/ether")):
         runs = values[method]
         cross = [np.mean([r["change_my_view"], r["math_fiction"]]) for r in runs]
         ortho = [r["us_history_textbook"] for r in runs]

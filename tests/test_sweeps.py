@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
@@ -20,7 +20,7 @@ import reprpo_pl.train  # noqa: F401  (registers the ensure_dir / optuna_seed / 
 from reprpo_pl.config import CONF_DIR
 from reprpo_pl.report import report
 
-FAST = ["model=tiny_random", "collection.layers=0.5:", "data.n_train=4", "data.max_length=128", "data.max_prompt_length=64",
+FAST = ["model=tiny_random", "data.n_train=4", "data.max_length=128", "data.max_prompt_length=64",
         "eval.n_samples=3", "eval.batch_size=4", "callbacks.generations.max_new_tokens=4",
         "dataset.targets=[{name:math,shift:in_domain},{name:us_history_textbook,shift:orthogonal}]"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -35,8 +35,7 @@ def train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def compose_train(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
+    return compose_config("train", overrides, return_hydra_config=hydra)
 
 
 # ---- grids --------------------------------------------------------------------------------------
@@ -52,7 +51,7 @@ def test_grid_writes_one_results_json_per_job(tmp_path):
     assert done == {("dpo", 1), ("dpo", 2), ("innerdpo", 1), ("innerdpo", 2)}
     assert all((j / "checkpoints" / "last.ckpt").is_file() and (j / "results.md").is_file() for j in jobs)
     md = report([time]).read_text()
-    assert "| dpo | " in md and "| innerdpo/ether/innerdpo | " in md and "(n=2)" in md
+    assert "| dpo | " in md and "| innerdpo/ether | " in md and "(n=2)" in md
 
 
 def test_cpu_comparison_experiment():

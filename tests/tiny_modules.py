@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 from hydra.utils import get_class
 
-from reprpo_pl.config import CONF_DIR
 from reprpo_pl.methods.base import PreferenceModule
 
 
 def tiny_method_module(method: str, *overrides: str) -> PreferenceModule:
     """``method``'s module on the tiny Llama, LoRA r=8 with lora_B drawn from N(0, 0.02²) (seed 1), so the
     policy differs from the reference and lora_A gets gradient too; in train mode."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={method}", "model=tiny_random", "adapter.r=8", *overrides])
+    cfg = compose_train([f"method={method}", "model=tiny_random", "adapter.r=8", *overrides])
     module = get_class(cfg.method._target_)(cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

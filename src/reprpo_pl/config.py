@@ -1,7 +1,8 @@
-"""Hydra/OmegaConf plumbing shared by the entry points: the conf/ path, resolvers, and the CLI error wrapper."""
+"""Hydra/OmegaConf plumbing shared by the entry points: where the shipped configs are, resolvers, and the CLI error wrapper."""
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import shutil
 import sys
@@ -13,9 +14,11 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import NonFiniteError, UserError
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_MODULE = "reprpo_pl.conf"  # the repository's conf/, installed as a package (see pyproject.toml)
+CONF_PATH = f"pkg://{CONF_MODULE}"  # what @hydra.main and a user's hydra.searchpath name
+CONF_DIR = str(importlib.resources.files(CONF_MODULE))  # the same folder on disk, for tests and tools that read a yaml
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -44,30 +47,22 @@ def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = F
         if multirun:  # a fresh exception: no deep traceback in the sweeper's log
             raise type(user_error)(str(user_error)) from None
         print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(EXIT_NON_FINITE if _is_non_finite(user_error) else EXIT_USER_ERROR)
+        sys.exit(EXIT_NON_FINITE if isinstance(user_error, NonFiniteError) else EXIT_USER_ERROR)
 
 
 def user_facing_error(e: BaseException) -> Exception | None:
     """The error to show the user as one line, or None for a bug (which keeps its traceback)."""
-    if isinstance(e, UserError) or _is_non_finite(e):
+    if isinstance(e, (UserError, NonFiniteError)):
         return e
     if isinstance(e, InstantiationException):
         cause = e.__cause__
-        if isinstance(cause, UserError) or (cause is not None and _is_non_finite(cause)):
+        if isinstance(cause, (UserError, NonFiniteError)):
             return cause
         if isinstance(cause, TypeError) and _raised_in_hydra(cause.__traceback__):
             # the target's signature rejected the config's keys (a typo'd or unknown option)
             target = str(e).split("'")[1] if str(e).count("'") >= 2 else "a config node"
             return UserError(f"config for {target} is invalid: {cause}; check the keys of that config group")
     return None
-
-
-def _is_non_finite(e: BaseException) -> bool:
-    """`reprpo_pl.methods.base.NonFiniteError`, looked up without importing the methods package
-    (an error of that type can only exist once the module is loaded)."""
-    base = sys.modules.get("reprpo_pl.methods.base")
-    non_finite = getattr(base, "NonFiniteError", None)
-    return non_finite is not None and isinstance(e, non_finite)
 
 
 def _raised_in_hydra(tb: TracebackType | None) -> bool:
@@ -80,8 +75,10 @@ def _raised_in_hydra(tb: TracebackType | None) -> bool:
 
 
 def _remove_if_empty(run_dir: Path) -> None:
-    keep = {".hydra", "train.log", "eval.log"}
-    if run_dir.is_dir() and all(p.name in keep for p in run_dir.iterdir()):
+    """Remove ``run_dir`` when it holds nothing but Hydra's bookkeeping and empty folders (a logger's)."""
+    bookkeeping = {".hydra", "train.log", "eval.log"}
+    if run_dir.is_dir() and all(p.name in bookkeeping or (p.is_dir() and not any(f.is_file() for f in p.rglob("*")))
+                                for p in run_dir.iterdir()):
         _detach_file_handlers(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """Bad input from the user (config, data, paths). The message names the value and the fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or hidden state became NaN/inf during training; the message says where."""

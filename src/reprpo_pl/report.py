@@ -63,18 +63,14 @@ def find_results(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     return unique, skipped
 
 
-def label_of(results: dict[str, Any]) -> str:
-    """``method[/transform][/loss]``, as in results.md."""
-    return results["method"] + "".join(f"/{results[k]}" for k in ("transform", "loss") if results.get(k))
-
-
 def load_runs(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Parsed results documents (with ``_path`` and ``_label`` added), and the unreadable files."""
+    """Parsed results documents (with ``_path`` added), and the unreadable files."""
     runs, bad = [], []
     for f in files:
         try:
             doc = json.loads(f.read_text())
-            doc["_label"] = label_of(doc)
+            if not isinstance(doc.get("label"), str):
+                raise KeyError("label")
             doc["_path"] = str(f.parent)
             runs.append(doc)
         except (OSError, ValueError, KeyError, TypeError):
@@ -142,7 +138,7 @@ class Section:
         self.model, self.dataset = model, dataset
         self.groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for run in runs:
-            self.groups[run["_label"]].append(run)
+            self.groups[run["label"]].append(run)
         self.runs = runs
         self.shifts = [s for s in SHIFT_ORDER if any(s in r["shifts"] for r in runs)]
         targets: dict[str, str] = {}

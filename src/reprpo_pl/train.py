@@ -20,7 +20,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reprpo_pl.config import CONF_DIR, run_cli
+from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
@@ -99,7 +99,7 @@ def finish_wandb(failed: bool = False) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

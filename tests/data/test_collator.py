@@ -10,9 +10,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
+from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.errors import UserError
+from reprpo_pl.models.pair_layouts import concat_pairs
 
 PLAIN = TokenizeConfig(max_length=128, max_prompt_length=64, chat_template=False)
 

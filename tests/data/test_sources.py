@@ -12,7 +12,13 @@ from omegaconf import OmegaConf
 
 from reprpo_pl.data.ethics import ethics_file
 from reprpo_pl.data.genies import genies_file
-from reprpo_pl.data.sources import ETHICS_PREFIX, Target, embedded_root, load_pairs, parse_shift_table
+from reprpo_pl.data.sources import (
+    ETHICS_PREFIX,
+    Target,
+    embedded_root,
+    load_pairs,
+    parse_shift_table,
+)
 from reprpo_pl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]

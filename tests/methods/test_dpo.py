@@ -8,29 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_train
 from omegaconf import OmegaConf
 
-from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
+from reprpo_pl.config import CONF_DIR
+from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.errors import UserError
-from reprpo_pl.methods.dpo_loss import dpo_loss, dpo_metrics
-from reprpo_pl.methods.logprobs import aggregate, completion_logps
+from reprpo_pl.models.logprobs import aggregate, completion_logps
+from reprpo_pl.models.pair_layouts import concat_pairs
+from reprpo_pl.objectives.dpo import dpo_loss, dpo_metrics
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 BETA = 0.1
 
 
 def make_module(**method):
-    """The real DPOModule from conf/method/dpo.yaml + conf/adapter/lora.yaml on the tiny random Llama."""
+    """The real DPOModule from the composed train config (method=dpo, default adapter) on the tiny random Llama."""
     from reprpo_pl.methods.dpo import DPOModule
 
-    method_cfg = OmegaConf.load(CONF / "method" / "dpo.yaml")
-    method_cfg.merge_with(method)
-    cfg = OmegaConf.create({
-        "model": {"name_or_path": "tiny-random-llama"},
-        "adapter": OmegaConf.load(CONF / "adapter" / "lora.yaml"),
-        "method": method_cfg,
-    })
+    cfg = compose_train(["method=dpo", "model=tiny_random", *(f"method.{k}={v}" for k, v in method.items())])
     return DPOModule(cfg)
 
 
@@ -113,7 +109,7 @@ def test_loss_is_log2_at_init_pieces(tiny_model, batch, agg):
     """Fresh LoRA (B = 0, as peft initialises it): policy == reference, so ρ = 0 and loss = log 2."""
     from reprpo_pl.models.loading import add_lora
 
-    model = add_lora(tiny_model, OmegaConf.load(CONF / "adapter" / "lora.yaml"))
+    model = add_lora(tiny_model, OmegaConf.load(Path(CONF_DIR) / "adapter" / "lora.yaml"))
     assert all((p == 0).all() for n, p in model.named_parameters() if "lora_B" in n)
     inputs = concat_pairs(batch)
     model.train()

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
+from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.eval.scorer import score_pairs
-from reprpo_pl.methods.logprobs import aggregate, completion_logps, pack_pairs, supports_packed, token_logps
+from reprpo_pl.models.logprobs import (
+    aggregate,
+    completion_logps,
+    supports_packed,
+    token_logps,
+)
+from reprpo_pl.models.pair_layouts import concat_pairs, pack_pairs
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import math
 import lightning as L
 import pytest
 import torch
+from tiny_modules import tiny_method_module
 from torch.utils.data import DataLoader
 
 from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.methods.projbp import ProjBPModule
-from tiny_modules import tiny_method_module
 from reprpo_pl.methods.projection import project_output_gradient
 
 torch.set_num_threads(1)

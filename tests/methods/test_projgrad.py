@@ -9,13 +9,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_modules import tiny_method_module
 from torch.utils.data import DataLoader
 
-from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
+from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.errors import UserError
 from reprpo_pl.methods.projgrad import ProjGradModule
-from tiny_modules import tiny_method_module
+from reprpo_pl.models.pair_layouts import concat_pairs
 
 torch.set_num_threads(1)
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj")  # a square and a non-square module

@@ -46,17 +46,17 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import compose_train
 
-from reprpo_pl.data.collator import PreferenceCollator, concat_pairs
+from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
-from reprpo_pl.methods.dpo_loss import dpo_loss, dpo_metrics
-from reprpo_pl.methods.logprobs import aggregate, completion_logps
+from reprpo_pl.models.logprobs import aggregate, completion_logps
+from reprpo_pl.models.pair_layouts import concat_pairs
 from reprpo_pl.models.tiny import tiny_llama
+from reprpo_pl.objectives.dpo import dpo_loss, dpo_metrics
 
 trl = pytest.importorskip("trl")
 from trl.trainer.utils import use_adapter  # noqa: E402
@@ -64,7 +64,6 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 BETA = 0.1
 MAX_LENGTH = 128
 ATOL = 1e-5
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def fp32_sum_rtol(n_terms: int) -> float:
@@ -200,10 +199,8 @@ def _check_dpo_module(trl_run, pairs, tokenizer, tiny_peft) -> None:
     """The real DPOModule.compute_loss (reference() context, pair_logps, agg=sum) on the same model."""
     from reprpo_pl.methods.dpo import DPOModule
 
-    method = OmegaConf.load(CONF / "method" / "dpo.yaml")
-    method.merge_with({"agg": "sum", "beta": BETA, "loss_type": "sigmoid", "label_smoothing": 0.0})
-    cfg = OmegaConf.create({"model": {"name_or_path": "tiny-random-llama"}, "adapter": {"r": 4, "target_modules": "all-linear"},
-                            "method": method})
+    cfg = compose_train(["method=dpo", "model=tiny_random", "adapter.r=4", "method.agg=sum", f"method.beta={BETA}",
+                         "method.loss_type=sigmoid", "method.label_smoothing=0.0"])
     module = DPOModule(cfg)
     module.model = tiny_peft  # swap in the fixture's adapter (the module built its own fresh one)
     module.train()

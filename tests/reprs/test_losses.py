@@ -8,36 +8,41 @@ from typing import Callable
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from reprpo_pl.config import CONF_DIR
 from reprpo_pl.errors import UserError
-from reprpo_pl.methods.dpo_loss import dpo_loss
+from reprpo_pl.objectives.dpo import dpo_loss
 from reprpo_pl.reprs.geometry import unit
-from reprpo_pl.reprs.losses.innerdpo import ALIGN_METHODS, InnerDPOLoss, margin_loss, policy_weights
-from reprpo_pl.reprs.losses.innerpo import InnerPOLoss
-from reprpo_pl.reprs.losses.mse import MSELoss
-from reprpo_pl.reprs.losses.prefvec import PrefVecLoss
-from reprpo_pl.reprs.losses.rank import RankLoss
-from reprpo_pl.reprs.losses.topk import TopKLoss
+from reprpo_pl.reprs.losses.innerdpo import ALIGN_METHODS, margin_loss, policy_weights
 from reprpo_pl.reprs.types import ReprBatch
 
-CONF_LOSS = Path(__file__).parents[2] / "conf" / "loss"
+CONF_LOSS = Path(CONF_DIR) / "loss"
+LOSS_NAMES = sorted(p.stem for p in CONF_LOSS.glob("*.yaml"))  # a new loss yaml is tested here without a list to edit
 SIGN_STEP = 0.5  # move along û, against ‖r‖ ≈ 4
 
+
+def make_loss(name: str, **overrides: object) -> object:
+    """The loss of ``conf/loss/<name>.yaml`` (the one place its defaults live) with ``overrides``, built the
+    way the ReprPO module builds it (Hydra's instantiate, without the ``name`` label)."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_LOSS / f"{name}.yaml"), overrides)
+    try:
+        return instantiate({k: v for k, v in cfg.items() if k != "name"})
+    except InstantiationException as e:  # the class's own validation error, as the CLI shows it
+        raise e.__cause__ from None
+
+
 LOSSES: dict[str, Callable[[], object]] = {
-    **{f"innerdpo-{m}": (lambda m=m: InnerDPOLoss(align_method=m)) for m in ALIGN_METHODS},
-    "innerdpo-ipo": lambda: InnerDPOLoss(inner_loss_type="ipo", outer_loss_type="ipo"),
-    "innerdpo-trust_region": lambda: InnerDPOLoss(trust_region=1.0),
-    "innerdpo-token_constraint": lambda: InnerDPOLoss(use_token_constraint=True),
-    "innerdpo-policy_weights": lambda: InnerDPOLoss(use_policy_weights=True),
-    "innerpo": InnerPOLoss,
-    "prefvec": PrefVecLoss,
-    "prefvec-proj_only": lambda: PrefVecLoss(use_orth_loss=False, use_angle_loss=False, use_dpo_loss=False),
-    "mse": MSELoss,
-    "rank": RankLoss,
-    "rank-nll": lambda: RankLoss(use_nll_loss=True),
-    "topk": TopKLoss,
+    **{name: (lambda name=name: make_loss(name)) for name in LOSS_NAMES},
+    **{f"innerdpo-{m}": (lambda m=m: make_loss("innerdpo", align_method=m)) for m in ALIGN_METHODS},
+    "innerdpo-ipo": lambda: make_loss("innerdpo", inner_loss_type="ipo", outer_loss_type="ipo"),
+    "innerdpo-trust_region": lambda: make_loss("innerdpo", trust_region=1.0),
+    "innerdpo-token_constraint": lambda: make_loss("innerdpo", use_token_constraint=True),
+    "innerdpo-policy_weights": lambda: make_loss("innerdpo", use_policy_weights=True),
+    "prefvec-proj_only": lambda: make_loss("prefvec", use_orth_loss=False, use_angle_loss=False, use_dpo_loss=False),
+    "rank-nll": lambda: make_loss("rank", use_nll_loss=True),
 }
 
 SIGN_BLIND = "rewards |s|, not s: it reads q only through norms or |cos|, so it is blind to the sign"
@@ -161,14 +166,14 @@ def test_separation_along_reference_direction_lowers_loss(name: str, start: str)
 @pytest.mark.parametrize("method", ["logodds_noref", "odds_noref", "para_orth", "direct_projection", "angle_mag"])
 def test_sign_blind_methods_reward_separation_magnitude(method: str) -> None:
     """What the sign-blind methods guarantee: unchanged when the policy's chosen and rejected swap (q → −q)."""
-    loss_fn, batch = InnerDPOLoss(align_method=method), make_batch()
+    loss_fn, batch = make_loss("innerdpo", align_method=method), make_batch()
     swapped = replace(batch, pi_cho=batch.pi_rej, pi_rej=batch.pi_cho)
     torch.testing.assert_close(loss_fn(swapped)[1]["loss/in"], loss_fn(batch)[1]["loss/in"])
 
 
 def test_cosine_policy_margin_rewards_dissimilar_chosen_and_rejected() -> None:
     """[decided] negated vs the SPEC text: chosen and rejected becoming alike raises the loss."""
-    loss_fn, batch = InnerDPOLoss(align_method="cosine_policy_margin"), make_batch()
+    loss_fn, batch = make_loss("innerdpo", align_method="cosine_policy_margin"), make_batch()
     closer = replace(batch, pi_rej={k: v + 0.3 * (batch.pi_cho[k] - v) for k, v in batch.pi_rej.items()})
     assert loss_fn(closer)[0] > loss_fn(batch)[0]
 
@@ -184,7 +189,7 @@ def test_cross_model_cosine_keeps_chosen_and_moves_rejected(name: str) -> None:
 
 
 def test_mse_pulls_policy_states_onto_reference_chosen() -> None:
-    loss_fn, batch = MSELoss(), make_batch()
+    loss_fn, batch = make_loss("mse"), make_batch()
     for role in ("pi_rej", "pi_cho"):
         states = getattr(batch, role)
         moved = replace(batch, **{role: {k: v + 0.3 * (batch.ref_cho[k] - v) for k, v in states.items()}})
@@ -193,7 +198,7 @@ def test_mse_pulls_policy_states_onto_reference_chosen() -> None:
 
 def test_rank_pushes_chosen_log_softmax_up() -> None:
     """[decided] Raising every coordinate of π_cho (or lowering π_rej) relative to the reference lowers the loss."""
-    loss_fn, batch = RankLoss(), make_batch()
+    loss_fn, batch = make_loss("rank"), make_batch()
     up = replace(batch, pi_cho={k: v + 0.1 for k, v in batch.pi_cho.items()})
     down = replace(batch, pi_rej={k: v - 0.1 for k, v in batch.pi_rej.items()})
     assert loss_fn(up)[0] < loss_fn(batch)[0]
@@ -273,7 +278,7 @@ def test_hidden_terms_average_over_keys(name: str) -> None:
 
 def test_rewards_use_the_losses_dpo_beta() -> None:
     batch = make_batch()
-    _, diagnostics = InnerDPOLoss(beta_out=0.3)(batch)
+    _, diagnostics = make_loss("innerdpo", beta_out=0.3)(batch)
     expected = 0.3 * (batch.pi_logp_cho - batch.ref_logp_cho).mean()
     torch.testing.assert_close(diagnostics["rewards/chosen"], expected)
 
@@ -283,20 +288,20 @@ def test_innerdpo_outer_term_is_dpo(outer: str) -> None:
     batch = make_batch()
     dpo = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej,
                    beta=0.1, loss_type=outer).mean()
-    torch.testing.assert_close(InnerDPOLoss(outer_loss_type=outer)(batch)[1]["loss/out"], dpo)
+    torch.testing.assert_close(make_loss("innerdpo", outer_loss_type=outer)(batch)[1]["loss/out"], dpo)
 
 
 @pytest.mark.parametrize("method", list(ALIGN_METHODS))
 def test_innerdpo_with_alpha_zero_is_dpo(method: str) -> None:
     batch = make_batch()
     dpo = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej, beta=0.1).mean()
-    torch.testing.assert_close(InnerDPOLoss(align_method=method, alpha=0.0)(batch)[0], dpo)
+    torch.testing.assert_close(make_loss("innerdpo", align_method=method, alpha=0.0)(batch)[0], dpo)
 
 
 def test_trust_region_caps_the_hidden_margin() -> None:
     """A cap below every Hθ makes L_in constant: margin_loss(cap), no gradient to the hidden states."""
     batch = leaf_policy(make_batch())
-    loss, diagnostics = InnerDPOLoss(align_method="para_signed", trust_region=-1.0)(batch)
+    loss, diagnostics = make_loss("innerdpo", align_method="para_signed", trust_region=-1.0)(batch)
     loss.backward()
     expected = margin_loss(torch.tensor(-1.0, dtype=torch.float64), 0.4, "sigmoid")
     torch.testing.assert_close(diagnostics["loss/in"], expected)
@@ -304,8 +309,8 @@ def test_trust_region_caps_the_hidden_margin() -> None:
 
 
 def test_token_constraint_penalises_rejected_deviating_more() -> None:
-    loss_fn, batch = InnerDPOLoss(use_token_constraint=True), make_batch()
-    assert loss_fn.needs_token_deviation and not InnerDPOLoss().needs_token_deviation
+    loss_fn, batch = make_loss("innerdpo", use_token_constraint=True), make_batch()
+    assert loss_fn.needs_token_deviation and not make_loss("innerdpo").needs_token_deviation
     calm = replace(batch, token_dev_rej=batch.token_dev_cho)
     wild = replace(batch, token_dev_rej=batch.token_dev_cho + 1.0)
     assert loss_fn(wild)[0] > loss_fn(calm)[0]
@@ -317,18 +322,18 @@ def test_policy_weights_scale_each_pair() -> None:
     batch = make_batch()
     weights = policy_weights(batch)
     assert ((weights > 0) & (weights <= 1)).all()
-    per_pair = [InnerDPOLoss()(replace_row(batch, i))[0] for i in range(4)]
+    per_pair = [make_loss("innerdpo")(replace_row(batch, i))[0] for i in range(4)]
     weighted = (weights * torch.stack(per_pair)).mean()
-    torch.testing.assert_close(InnerDPOLoss(use_policy_weights=True)(batch)[0], weighted)
+    torch.testing.assert_close(make_loss("innerdpo", use_policy_weights=True)(batch)[0], weighted)
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: InnerDPOLoss(align_method="simper"), "pars_rat"),
-        (lambda: InnerDPOLoss(inner_loss_type="hinge"), "sigmoid, ipo"),
-        (lambda: InnerDPOLoss(outer_loss_type="kto"), "sigmoid, ipo"),
-        (lambda: TopKLoss(k=0), "positive"),
+        (lambda: make_loss("innerdpo", align_method="simper"), "pars_rat"),
+        (lambda: make_loss("innerdpo", inner_loss_type="hinge"), "sigmoid, ipo"),
+        (lambda: make_loss("innerdpo", outer_loss_type="kto"), "sigmoid, ipo"),
+        (lambda: make_loss("topk", k=0), "positive"),
     ],
 )
 def test_bad_hyper_parameters_raise_user_error(build: Callable[[], object], message: str) -> None:
@@ -338,28 +343,17 @@ def test_bad_hyper_parameters_raise_user_error(build: Callable[[], object], mess
 
 def test_topk_ratio_is_one_when_policy_separates_like_reference() -> None:
     batch = make_batch(noise=0.0)
-    _, diagnostics = TopKLoss()(batch)
+    _, diagnostics = make_loss("topk")(batch)
     one = torch.tensor(1.0, dtype=torch.float64)
     torch.testing.assert_close(diagnostics["hidden/topk_ratio"], one, atol=1e-5, rtol=0)  # EPS-level shortfall
     torch.testing.assert_close(diagnostics["loss/topk"], one, atol=1e-5, rtol=0)  # (tr − 1)² with tr = 2
 
 
-YAML_CLASSES = {
-    "innerdpo": InnerDPOLoss, "innerpo": InnerPOLoss, "prefvec": PrefVecLoss,
-    "mse": MSELoss, "rank": RankLoss, "topk": TopKLoss,
-}
-
-
-@pytest.mark.parametrize("name", list(YAML_CLASSES))
-def test_yaml_instantiates_with_the_class_defaults(name: str) -> None:
-    cfg = OmegaConf.load(CONF_LOSS / f"{name}.yaml")
-    loss_fn = instantiate(cfg)
-    assert loss_fn == YAML_CLASSES[name]()  # the yaml restates the SPEC defaults of the class
-    assert cfg.name == name and loss_fn.pooling == ("log_softmax_mean" if name == "rank" else "mean")
-    without_name = instantiate({k: v for k, v in cfg.items() if k != "name"})
-    loss, _ = without_name(make_batch())
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_loss_yaml_builds_a_loss_that_declares_its_traits(name: str) -> None:
+    """What the ReprPO module reads of a loss class: its pooling and whether it needs per-token deviations."""
+    loss_fn = make_loss(name)
+    assert OmegaConf.load(CONF_LOSS / f"{name}.yaml").name == name
+    assert loss_fn.pooling in ("mean", "log_softmax_mean") and isinstance(loss_fn.needs_token_deviation, bool)
+    loss, _ = loss_fn(make_batch())
     assert torch.isfinite(loss)
-
-
-def test_every_loss_yaml_is_tested() -> None:
-    assert {p.stem for p in CONF_LOSS.glob("*.yaml")} == set(YAML_CLASSES)

@@ -14,7 +14,12 @@ from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
 from reprpo_pl.models.tiny import tiny_llama
-from reprpo_pl.reprs.transforms import build_transform, transform_names
+from reprpo_pl.reprs.transforms import (
+    TransformTraits,
+    build_transform,
+    transform_names,
+    transform_traits,
+)
 from reprpo_pl.reprs.transforms.ether import ETHER, HTYPES
 from reprpo_pl.reprs.transforms.hra import HRA
 from reprpo_pl.reprs.transforms.none import NoTransform
@@ -92,9 +97,19 @@ def test_every_yaml_builds_keeps_shapes_and_saves_no_vocab_matrix(name: str, mod
 
 
 @pytest.mark.parametrize("config", [{"name": "bogus"}, {"_target_": "reprpo_pl.reprs.transforms.none.NoTransform"}])
-def test_unknown_transform_name_is_refused(config: dict, model: nn.Module) -> None:
-    with pytest.raises(UserError, match="unknown transform .*ether, hra, none, ortho, supr, svd"):
+def test_a_config_that_names_no_buildable_class_is_refused(config: dict, model: nn.Module) -> None:
+    with pytest.raises(UserError, match="needs `_target_: <class>` and `_partial_: true`.*ether, hra, none, ortho, supr, svd"):
         build_transform(config, KEYS, {k: D for k in KEYS}, model, "hs")
+
+
+def test_a_transform_class_outside_the_package_works_through_target(model: nn.Module, batch: tuple) -> None:
+    """Any importable per-key module class (here torch's Identity, which takes any arguments) is a transform;
+    declaring no traits, it gets none (per-token path, no reference cache)."""
+    hs, mask = batch
+    transform = build_transform({"name": "mine", "_target_": "torch.nn.Identity", "_partial_": True}, KEYS,
+                                {k: D for k in KEYS}, model, "hs")
+    assert all(torch.equal(transform(hs, mask)[k], hs[k]) for k in KEYS)
+    assert transform_traits(transform) == TransformTraits()
 
 
 def test_a_config_without_target_is_refused(model: nn.Module) -> None:

@@ -37,23 +37,3 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool = False, width: int | No
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = True
     return ids, mask
-
-
-def concat_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Stack chosen then rejected behind the shared prompt: one forward for 2B rows.
-
-    Returns ``input_ids, attention_mask, position_ids [2B, P+C]`` and ``completion_ids,
-    completion_mask [2B, C]``; rows 0..B-1 are chosen, B..2B-1 rejected."""
-    prompt_ids = batch["prompt_ids"].repeat(2, 1)
-    prompt_mask = batch["prompt_mask"].repeat(2, 1)
-    completion_ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
-    completion_mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-    }

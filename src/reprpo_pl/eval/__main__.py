@@ -1,4 +1,4 @@
-"""``python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt>``: see `reprpo_pl.eval.from_checkpoint`."""
+"""``python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt | adapter folder>``: see `reprpo_pl.eval.from_checkpoint`."""
 
 from reprpo_pl.eval.from_checkpoint import main
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
-from reprpo_pl.eval.results import write_results
+from reprpo_pl.eval.results import run_label, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,10 @@ def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict
     """The results.json document (schema in the README)."""
     shifts = shift_summary(targets)
     return {
+        "label": run_label(cfg),
         "method": cfg.method.name,
-        "transform": cfg.method.get("uses_transform") and cfg.transform.name or None,
-        "loss": cfg.method.get("uses_loss") and cfg.loss.name or None,
+        "transform": cfg.transform.name if cfg.get("transform") is not None else None,
+        "loss": cfg.loss.name if cfg.get("loss") is not None else None,
         "model": cfg.model.name,
         "dataset": cfg.dataset.source,
         "seed": int(cfg.seed),
@@ -59,7 +60,9 @@ SHIFT_COLUMNS = ["shift", "n_targets", "n", "acc_base", "acc", "acc_gain_vs_ref"
 def log_results_tables(loggers: list[Any], results: dict[str, Any]) -> None:
     """Log the per-target and per-shift tables (``results/targets``, ``results/shifts``) and the
     objective to every WandbLogger among ``loggers``; other loggers get the scalars from `_evaluate`."""
-    from lightning.pytorch.loggers import WandbLogger  # no wandb import unless that logger is in use
+    from lightning.pytorch.loggers import (
+        WandbLogger,  # no wandb import unless that logger is in use
+    )
 
     for logger in loggers:
         if isinstance(logger, WandbLogger):

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from reprpo_pl.config import CONF_DIR, run_cli
+from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.adapter_export import (
@@ -236,7 +236,7 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="eval")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_third_party()

@@ -77,7 +77,9 @@ class GenerationCallback(L.Callback):
         with path.open("a") as f:
             f.write(text + "\n")
         log.info("generations at step %d appended to %s", step, path)
-        from lightning.pytorch.loggers import WandbLogger  # no wandb import unless that logger is in use
+        from lightning.pytorch.loggers import (
+            WandbLogger,  # no wandb import unless that logger is in use
+        )
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

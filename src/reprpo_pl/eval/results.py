@@ -26,13 +26,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def run_label(cfg: Any) -> str:
+    """How tables name a run: ``method[/transform][/loss]``, with the transform and loss only for methods
+    that compose them, and the loss only when it is not the method's own (``innerdpo/ether``,
+    ``reprpo/ether/mse``, ``innerdpo/ether/mse`` after ``loss=mse``, ``dpo``)."""
+    parts = [cfg.method.name]
+    if cfg.get("transform") is not None:
+        parts.append(cfg.transform.name)
+    if cfg.get("loss") is not None and cfg.loss.name != cfg.method.name:
+        parts.append(cfg.loss.name)
+    return "/".join(parts)
+
+
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """SPEC §5's two tables: accuracy per shift type, then per target; base first, n per cell."""
-    label = results["method"] + "".join(f"/{results[k]}" for k in ("transform", "loss") if results.get(k))
+    label = results["label"]
     shifts = [s for s in SHIFT_ORDER if s in results["shifts"]]
     lines = [f"# {label} on {results['model']}, trained on {results['dataset']} (seed {results['seed']}, "
              f"n_train {results['n_train']}, step {results.get('global_step', '?')})", "",

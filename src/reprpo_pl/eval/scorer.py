@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from reprpo_pl.methods.logprobs import completion_logps, pair_model_inputs
+from reprpo_pl.models.logprobs import completion_logps, pair_model_inputs
 from reprpo_pl.progress import is_terminal
 
 log = logging.getLogger(__name__)

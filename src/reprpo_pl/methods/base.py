@@ -5,64 +5,67 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from reprpo_pl.errors import UserError
-from reprpo_pl.methods.dpo_loss import LOSS_TYPES
-from reprpo_pl.methods.logprobs import AGGS, aggregate, completion_logps, pair_model_inputs
+from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.methods.ref_cache import RefCache, reference_fingerprint
 from reprpo_pl.models.loading import add_lora, load_base_model
-
-
-class NonFiniteError(RuntimeError):
-    """A loss, gradient or hidden state became NaN/inf; the message says where."""
+from reprpo_pl.models.logprobs import (
+    AGGS,
+    aggregate,
+    completion_logps,
+    pair_model_inputs,
+)
+from reprpo_pl.objectives.dpo import LOSS_TYPES
 
 
 class PreferenceModule(L.LightningModule):
     """Base LightningModule. ``cfg`` is the whole composed run config (saved in checkpoints, so
     ``load_from_checkpoint`` rebuilds the same model); subclasses implement `compute_loss`.
 
-    ``fast_paths`` (class attribute): the class's `compute_loss` gets its reference outputs through
-    `cached_reference` and reads the forwards only through `pair_logps` (and a `HiddenStateCollector`
-    with `completion_states`), so it may run the packed pair layout (prompt encoded once, see
-    `reprpo_pl.methods.logprobs`) and skip the reference forward for cached examples
-    (`reprpo_pl.methods.ref_cache`). Both change which forwards run and the shapes of module outputs
-    in them, so the flag is NOT inherited: a subclass that hooks modules (ProjGrad, ProjBP) keeps the
-    concat layout and a reference forward every step unless it sets ``fast_paths = True`` itself.
+    Each method states what it can do when it calls ``__init__``:
+
+    - ``packed_layout``: its `compute_loss` reads the forwards only through `pair_logps` (and a
+      `HiddenStateCollector` with `completion_states`), so it may run the packed pair layout (prompt
+      encoded once, `reprpo_pl.models.pair_layouts`) when ``method.packed_forward`` is on. A method
+      whose hooks read module outputs (ProjGrad, ProjBP) needs the concatenated layout.
+    - ``reference_cache``: its reference outputs per example are constant and go through
+      `cached_reference`, so the reference forward can be skipped for cached examples
+      (`reprpo_pl.methods.ref_cache`, ``ref_cache.enabled``).
+    - ``sections``: the config sections beyond ``method`` it reads (ReprPO: transform, loss,
+      collection); a run that composes another section (``+transform=...`` on DPO) is refused.
     """
 
-    fast_paths: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.fast_paths = bool(cls.__dict__.get("fast_paths", False))
-
-    def __init__(self, cfg: DictConfig | Mapping[str, Any]):
+    def __init__(self, cfg: DictConfig | Mapping[str, Any], *, packed_layout: bool, reference_cache: bool,
+                 sections: tuple[str, ...] = ()):
         super().__init__()
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(cfg)
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
         self.method_cfg = cfg.method
+        check_sections(cfg, sections)
         if self.method_cfg.lr <= 0:
             raise UserError(f"method.lr={self.method_cfg.lr} must be > 0, e.g. method.lr=5e-5")
         if self.method_cfg.agg not in AGGS:
             raise UserError(f"method.agg={self.method_cfg.agg!r}: use one of {', '.join(AGGS)}")
         if self.method_cfg.get("loss_type", "sigmoid") not in LOSS_TYPES:
             raise UserError(f"method.loss_type={self.method_cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+        if self.method_cfg.packed_forward and not packed_layout:
+            raise UserError(f"method.packed_forward=true: method={self.method_cfg.name} hooks module outputs of the "
+                            "concatenated pair layout; drop the override")
+        self.packed = bool(self.method_cfg.packed_forward)
         base, self.tokenizer = load_base_model(cfg.model)
         self.model = add_lora(base, cfg.adapter)
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
         self.strict_loading = False  # checkpoints hold only the trainable state
-        enabled = bool((cfg.get("ref_cache") or {}).get("enabled", True))
-        self.ref_cache: RefCache | None = RefCache() if enabled and self.fast_paths else None
-        self._in_training_step = False  # the cache is read and filled in training steps only
-        self._ref_from_cache = False
+        enabled = bool(cfg.ref_cache.enabled)
+        self.ref_cache: RefCache | None = RefCache() if enabled and reference_cache else None
 
     # ---- forward passes -------------------------------------------------------------------
     @contextmanager
@@ -77,37 +80,36 @@ class PreferenceModule(L.LightningModule):
             self.model.train(was_training)
 
     def pair_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The model inputs for a collated batch: `pack_pairs` (prompt encoded once) when this class has
-        ``fast_paths``, the model supports it and ``method.packed_forward`` (default true) is on; else
-        `concat_pairs`. `pair_logps` and `completion_states` accept either."""
-        return pair_model_inputs(self.model, batch, packed=self.fast_paths and bool(self.method_cfg.get("packed_forward", True)))
+        """The model inputs for a collated batch: `pack_pairs` (prompt encoded once) when ``method.packed_forward``
+        is on and the model supports it, else `concat_pairs`. `pair_logps` and `completion_states` accept either."""
+        return pair_model_inputs(self.model, batch, packed=self.packed)
 
     def reference_fingerprint(self) -> str:
         """What the cached reference outputs depend on besides the example (see `reference_fingerprint`);
         subclasses add their own settings."""
         return reference_fingerprint(self.cfg)
 
-    def cached_reference(self, batch: dict[str, Tensor], forward: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-        """``forward()`` run as the reference (under `reference`), or its earlier result for these examples.
+    def cached_reference(self, batch: dict[str, Tensor], forward: Callable[[], dict[str, Tensor]],
+                         use_cache: bool) -> tuple[dict[str, Tensor], bool]:
+        """``forward()`` run as the reference (under `reference`), or its earlier result for these examples;
+        and whether it came from the cache.
 
-        ``forward`` returns per-example tensors (leading dim B, the batch's pairs). In a training step,
-        with the cache on and an ``index`` in the batch, a batch whose examples are all cached skips
-        the reference forward; otherwise the forward runs and its outputs are stored."""
-        cache = self.ref_cache if self._in_training_step and "index" in batch else None
+        ``forward`` returns per-example tensors (leading dim B, the batch's pairs). With ``use_cache``
+        (training steps only), the cache on and an ``index`` in the batch, a batch whose examples are all
+        cached skips the reference forward; otherwise the forward runs and its outputs are stored."""
+        cache = self.ref_cache if use_cache and "index" in batch else None
         if cache is not None:
             cache.bind(self.reference_fingerprint())
             cached = cache.lookup(batch["index"], batch["prompt_ids"].device)
             if cached is not None:
                 cache.hits += 1
-                self._ref_from_cache = True
-                return cached
-        self._ref_from_cache = False
+                return cached, True
         with self.reference(), torch.profiler.record_function("reprpo_pl.reference_forward"):
             outputs = forward()
         if cache is not None:
             cache.misses += 1
             cache.store(batch["index"], outputs)
-        return outputs
+        return outputs, False
 
     def pair_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """For `pair_inputs` (packed or `concat_pairs`): aggregated log-probs of chosen and rejected (``[B]`` each, by
@@ -119,21 +121,17 @@ class PreferenceModule(L.LightningModule):
         return cho, rej, nll_cho
 
     # ---- training -------------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, batch: dict[str, Tensor], use_cache: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a collated batch and its metrics (detached scalars). ``use_cache``: the reference
+        outputs may come from (and go into) the reference cache; `training_step` passes True."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        self._in_training_step = True
-        try:
-            loss, metrics = self.compute_loss(batch)
-        finally:
-            self._in_training_step = False
+        loss, metrics = self.compute_loss(batch, use_cache=True)
         # the terms first, so a NaN is reported where it appeared rather than as the total it spreads to
         self.check_finite({**{k: v for k, v in metrics.items() if k.startswith("loss")}, "loss": loss})
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["prompt_ids"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["prompt_ids"].shape[0])
-        if self.ref_cache is not None:  # 1 when this batch's reference outputs came from the cache
-            self.log("train/ref_cached", float(self._ref_from_cache), batch_size=batch["prompt_ids"].shape[0])
         return loss
 
     def check_finite(self, terms: Mapping[str, Tensor], where: str = "loss term") -> None:
@@ -151,9 +149,9 @@ class PreferenceModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.method_cfg.lr, weight_decay=self.method_cfg.get("weight_decay", 0.0))
+        optimizer = torch.optim.AdamW(params, lr=self.method_cfg.lr, weight_decay=self.method_cfg.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.method_cfg.get("warmup_ratio", 0.1) * total))
+        warmup = max(1, int(self.method_cfg.warmup_ratio * total))
 
         def schedule(step: int) -> float:  # linear warmup then cosine to zero
             if step < warmup:
@@ -189,3 +187,15 @@ def trainable_state_mismatch(state: Mapping[str, Tensor], named_parameters: Iter
             return f"{name} has shape {list(state[name].shape)}, this run's has {list(shape)}"
     extra = sorted(set(state) - set(expected))
     return f"it holds {extra[0]}, which this run does not train" if extra else None
+
+
+METHOD_SECTIONS = ("transform", "loss", "collection")  # config sections that only some methods read
+
+
+def check_sections(cfg: DictConfig, sections: tuple[str, ...]) -> None:
+    """Refuse a config section the method does not read (``method=dpo +transform=supr``): it would be
+    stored in checkpoints and results as if it had been used."""
+    for name in METHOD_SECTIONS:
+        if name in cfg and cfg[name] is not None and name not in sections:
+            raise UserError(f"method={cfg.method.name} does not use `{name}` ({name}={cfg[name].get('name', '…')}): "
+                            f"drop the {name} override, or pick a ReprPO method (innerdpo, innerpo, prefvec, mse, rank, topk)")

@@ -23,8 +23,17 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from reprpo_pl.methods.dpo import DPOModule
-from reprpo_pl.methods.projection import pair_output_difference, pair_row_directions, project_output_gradient
-from reprpo_pl.methods.projgrad import completion_masks, forward_hooks, lora_layers, projection_settings
+from reprpo_pl.methods.projection import (
+    pair_output_difference,
+    pair_row_directions,
+    project_output_gradient,
+)
+from reprpo_pl.methods.projgrad import (
+    completion_masks,
+    forward_hooks,
+    lora_layers,
+    projection_settings,
+)
 
 
 class ProjBPModule(DPOModule):
@@ -32,7 +41,8 @@ class ProjBPModule(DPOModule):
     Options under ``method.projection`` (conf/method/projbp.yaml)."""
 
     def __init__(self, cfg: DictConfig | Mapping[str, Any]):
-        super().__init__(cfg)
+        # its hooks read module outputs of the concatenated layout, in a reference forward every step
+        super().__init__(cfg, packed_layout=False, reference_cache=False)
         self.projection = projection_settings(self.method_cfg)
         self._layers = lora_layers(self.model)
 

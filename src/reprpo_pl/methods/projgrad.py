@@ -27,7 +27,12 @@ from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
 from reprpo_pl.methods.dpo import DPOModule
-from reprpo_pl.methods.projection import EPS, pair_output_difference, preference_direction, project_weight_gradient
+from reprpo_pl.methods.projection import (
+    EPS,
+    pair_output_difference,
+    preference_direction,
+    project_weight_gradient,
+)
 
 OutputHook = Callable[[str, nn.Module, Tensor], None]
 
@@ -97,7 +102,8 @@ class ProjGradModule(DPOModule):
     Options under ``method.projection`` (conf/method/projgrad.yaml)."""
 
     def __init__(self, cfg: DictConfig | Mapping[str, Any]):
-        super().__init__(cfg)
+        # its hooks read module outputs of the concatenated layout, in a reference forward every step
+        super().__init__(cfg, packed_layout=False, reference_cache=False)
         self.projection = projection_settings(self.method_cfg)
         self._layers = lora_layers(self.model)
         self._targets = projection_targets(self._layers, int(self.projection.weight_dim))

@@ -16,7 +16,12 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from reprpo_pl.errors import UserError
 from reprpo_pl.models.tiny import tiny_llama

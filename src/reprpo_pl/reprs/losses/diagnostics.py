@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from reprpo_pl.methods.dpo_loss import dpo_metrics
+from reprpo_pl.objectives.dpo import dpo_metrics
 from reprpo_pl.reprs.geometry import cosine, key_geometries, mean_over_keys, norm
 from reprpo_pl.reprs.types import ReprBatch
 

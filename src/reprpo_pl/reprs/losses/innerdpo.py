@@ -10,8 +10,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.methods.dpo_loss import dpo_loss
-from reprpo_pl.reprs.geometry import EPS, PreferenceGeometry, cosine, dot, key_geometries, l1_norm, norm, symlog
+from reprpo_pl.objectives.dpo import dpo_loss
+from reprpo_pl.reprs.geometry import (
+    EPS,
+    PreferenceGeometry,
+    cosine,
+    dot,
+    key_geometries,
+    l1_norm,
+    norm,
+    symlog,
+)
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
@@ -82,7 +92,7 @@ def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
         raise UserError(f"unknown {what}={value!r}: use one of {', '.join(valid)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InnerDPOLoss:
     """``L = L_out + α·L_in`` per pair, then mean over the batch (SPEC §3.4 innerdpo).
 
@@ -94,17 +104,17 @@ class InnerDPOLoss:
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
+    logprob_term: ClassVar[LogprobTerm] = "smooth"  # the DPO term
 
-    name: str = "innerdpo"
-    align_method: str = "pars_rat"
-    alpha: float = 0.1
-    beta: float = 0.4
-    beta_out: float = 0.1
-    inner_loss_type: MarginLossType = "sigmoid"
-    outer_loss_type: MarginLossType = "sigmoid"
-    trust_region: float | None = None
-    use_token_constraint: bool = False
-    use_policy_weights: bool = False
+    align_method: str
+    alpha: float
+    beta: float
+    beta_out: float
+    inner_loss_type: MarginLossType
+    outer_loss_type: MarginLossType
+    trust_region: float | None
+    use_token_constraint: bool
+    use_policy_weights: bool
 
     def __post_init__(self) -> None:
         _check_choice("align_method", self.align_method, tuple(ALIGN_METHODS))

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reprpo_pl.methods.dpo_loss import dpo_loss
+from reprpo_pl.objectives.dpo import dpo_loss
 from reprpo_pl.reprs.geometry import cosine, key_geometries
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
@@ -18,7 +19,7 @@ from reprpo_pl.reprs.types import ReprBatch
 DPO_BETA = 1.0  # SPEC writes the outer term as −logσ(ρ)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InnerPOLoss:
     """``L = −logσ(ρ) + α·mean_K(−logσ(Hθ))`` per pair, then mean over the batch, with
     ``Hθ = β(cos(h^π_cho, h^ref_cho) − cos(h^π_rej, h^ref_rej))`` ``[B]`` per key.
@@ -28,11 +29,11 @@ class InnerPOLoss:
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
+    logprob_term: ClassVar[LogprobTerm] = "smooth"  # the DPO term
     needs_token_deviation: ClassVar[bool] = False
 
-    name: str = "innerpo"
-    alpha: float = 0.1
-    beta: float = 1.0
+    alpha: float
+    beta: float
 
     def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
         theta = torch.stack(

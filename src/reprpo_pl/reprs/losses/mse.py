@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from reprpo_pl.reprs.geometry import EPS, key_geometries, mean_over_keys, norm
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import DEFAULT_REWARD_BETA, reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MSELoss:
     """``L = reroute + α·retain`` per pair and key, averaged over keys then batch, where
     ``reroute = log‖h^ref_cho − h^π_rej‖ − sg(log‖r‖)``, ``retain = log‖h^ref_cho − h^π_cho‖ − sg(log‖r‖)``
@@ -23,10 +24,10 @@ class MSELoss:
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
+    logprob_term: ClassVar[LogprobTerm] = "none"
     needs_token_deviation: ClassVar[bool] = False
 
-    name: str = "mse"
-    alpha: float = 0.6
+    alpha: float
 
     def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
         reroute, retain = [], []

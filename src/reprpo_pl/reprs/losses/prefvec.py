@@ -7,14 +7,15 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from reprpo_pl.methods.dpo_loss import dpo_loss
+from reprpo_pl.objectives.dpo import dpo_loss
 from reprpo_pl.reprs.geometry import cosine, dot, key_geometries, mean_over_keys, norm
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrefVecLoss:
     """``L = loss_proj + β·(loss_orth + loss_angle) + α·DPO`` (orth, angle, DPO each behind a flag).
 
@@ -28,13 +29,16 @@ class PrefVecLoss:
     pooling: ClassVar[PoolingKind] = "mean"
     needs_token_deviation: ClassVar[bool] = False
 
-    name: str = "prefvec"
-    alpha: float = 1.0
-    beta: float = 1.0
-    dpo_beta: float = 0.1
-    use_orth_loss: bool = True
-    use_angle_loss: bool = True
-    use_dpo_loss: bool = True
+    alpha: float
+    beta: float
+    dpo_beta: float
+    use_orth_loss: bool
+    use_angle_loss: bool
+    use_dpo_loss: bool
+
+    @property
+    def logprob_term(self) -> LogprobTerm:
+        return "smooth" if self.use_dpo_loss else "none"
 
     def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
         proj, orth, angle = [], [], []

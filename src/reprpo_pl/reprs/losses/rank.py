@@ -8,14 +8,15 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from reprpo_pl.methods.dpo_loss import preference_margin
+from reprpo_pl.objectives.dpo import preference_margin
 from reprpo_pl.reprs.geometry import key_geometries, mean_over_keys
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import DEFAULT_REWARD_BETA, reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankLoss:
     """``L = mean_d(−logσ(β·p)) + α·retain`` per pair (rank term averaged over keys), mean over the batch.
 
@@ -28,13 +29,13 @@ class RankLoss:
     """
 
     pooling: ClassVar[PoolingKind] = "log_softmax_mean"
+    logprob_term: ClassVar[LogprobTerm] = "hinge"  # relu(−ρ), relu(NLL increase): zero gradient at ρ = 0
     needs_token_deviation: ClassVar[bool] = False
 
-    name: str = "rank"
-    alpha: float = 1.0
-    beta: float = 1.0
-    use_dpo_loss: bool = True
-    use_nll_loss: bool = False
+    alpha: float
+    beta: float
+    use_dpo_loss: bool
+    use_nll_loss: bool
 
     def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
         rank = []

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.geometry import EPS, dot, key_geometries, mean_over_keys, norm, unit
+from reprpo_pl.reprs.geometry import (
+    EPS,
+    dot,
+    key_geometries,
+    mean_over_keys,
+    norm,
+    unit,
+)
+from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import DEFAULT_REWARD_BETA, reprpo_diagnostics
 from reprpo_pl.reprs.pooling import PoolingKind
 from reprpo_pl.reprs.types import ReprBatch
@@ -24,7 +32,7 @@ def top_coordinates(ref_direction: Tensor, k: int | None) -> Tensor:
     return ref_direction.abs().topk(k, dim=-1).indices
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TopKLoss:
     """``L = (tr − ratio)² + relu(1 − ratio) + 2·relu(ratio − tr)`` per pair and key, mean over keys then batch.
 
@@ -34,11 +42,11 @@ class TopKLoss:
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
+    logprob_term: ClassVar[LogprobTerm] = "none"
     needs_token_deviation: ClassVar[bool] = False
 
-    name: str = "topk"
-    k: int | None = None
-    tr: float = 2.0
+    k: int | None
+    tr: float
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 1:

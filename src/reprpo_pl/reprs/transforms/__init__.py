@@ -35,10 +35,12 @@ class TransformTraits:
         other tokens or on the states), so ``T(mmean_t H) = mmean_t T(H)``: pool first, transform ``[B, d]``.
     preserves_norm: ``‖T(h)‖ = ‖h‖`` (orthogonal M), so attention sinks found on raw norms are the ones
         found on transformed norms.
+    learnable: T has trainable parameters (trained with the adapter, saved in checkpoints and the adapter folder).
     """
 
     commutes_with_mean: bool = False
     preserves_norm: bool = False
+    learnable: bool = False
 
 
 def transform_traits(transform: nn.Module) -> TransformTraits:
@@ -46,7 +48,8 @@ def transform_traits(transform: nn.Module) -> TransformTraits:
     share. A class that declares none gets neither trait (safe: per-token path, no reference cache)."""
     if isinstance(transform, PerKeyTransform):
         each = [transform_traits(module) for module in transform.per_key.values()]
-        return TransformTraits(all(t.commutes_with_mean for t in each), all(t.preserves_norm for t in each))
+        return TransformTraits(all(t.commutes_with_mean for t in each), all(t.preserves_norm for t in each),
+                               any(t.learnable for t in each))
     declared = getattr(type(transform), "traits", None)
     return declared if isinstance(declared, TransformTraits) else TransformTraits()
 
@@ -94,7 +97,7 @@ def build_transform(
     """Instantiate the transform described by a ``conf/transform/*.yaml`` config for these keys.
 
     Args:
-        cfg: ``name`` (one of `transform_names`), ``_target_`` (the class), ``_partial_: true``
+        cfg: ``name`` (a label), ``_target_`` (the class: a shipped one or any importable one), ``_partial_: true``
             and the class's hyper-parameters.
         keys: collection keys, e.g. ``["hs.2", "hs.3"]``.
         dims: width of each key's states.
@@ -103,10 +106,9 @@ def build_transform(
     """
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     name = config.pop("name", None)
-    if name not in transform_names():
-        raise UserError(f"unknown transform {name!r}: use one of {', '.join(transform_names())}")
     if "_target_" not in config or config.get("_partial_") is not True:
-        raise UserError(f"transform {name!r}: the config needs `_target_: <class>` and `_partial_: true` (see conf/transform/{name}.yaml)")
+        raise UserError(f"transform {name!r}: the config needs `_target_: <class>` and `_partial_: true` "
+                        f"(see conf/transform/ether.yaml); shipped transforms: {', '.join(transform_names())}")
     make = instantiate(config)
     if isinstance(make.func, type) and issubclass(make.func, ReprTransform):
         return make(keys=list(keys), dims=dict(dims), model=model, collection_mode=collection_mode)

@@ -81,7 +81,7 @@ class ETHER(nn.Module):
     the gradient of every block parameter is proportional to ``W_up``.
     """
 
-    traits = TransformTraits(commutes_with_mean=True, preserves_norm=False)  # z = W_up H' W0 blockdiag(H) x: linear, not orthogonal
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=False, learnable=True)  # z = W_up H' W0 blockdiag(H) x: linear, not orthogonal
 
     def __init__(self, dim: int, Htype: str = "ether", nb: int = 2, reduction: int = 60, seed: int = 0) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ class HRA(nn.Module):
     forms equal ``I − 2UUᵀ`` at init, so W is a reflection of an r-dim subspace, not the identity.
     """
 
-    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True)  # z = xW, W orthogonal
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True, learnable=True)  # z = xW, W orthogonal
 
     def __init__(self, dim: int, r: int = 8, apply_GS: bool = False) -> None:
         super().__init__()

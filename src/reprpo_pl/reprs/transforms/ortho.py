@@ -25,7 +25,7 @@ class Ortho(nn.Module):
     (1.0 → 0.99 → 0) zeroes W's columns after one AdamW step.
     """
 
-    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True)  # z = xWᵀ, W orthogonal
+    traits = TransformTraits(commutes_with_mean=True, preserves_norm=True, learnable=True)  # z = xWᵀ, W orthogonal
 
     def __init__(self, dim: int, orthogonal_map: str = "matrix_exp") -> None:
         super().__init__()

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.transforms import ReprTransform, TransformTraits, final_norm, gram, unembedding, unwrap_model
+from reprpo_pl.reprs.transforms import (
+    ReprTransform,
+    TransformTraits,
+    final_norm,
+    gram,
+    unembedding,
+    unwrap_model,
+)
 
 
 class SuppressedActivations(ReprTransform):

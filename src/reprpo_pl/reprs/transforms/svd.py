@@ -6,7 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.transforms import ReprTransform, TransformTraits, embedding, gram, unembedding
+from reprpo_pl.reprs.transforms import (
+    ReprTransform,
+    TransformTraits,
+    embedding,
+    gram,
+    unembedding,
+)
 
 
 class SVDRemoval(ReprTransform):
