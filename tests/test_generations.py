@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import Precision
 from omegaconf import OmegaConf
 
 from reprpo_pl.config import CONF_DIR
@@ -56,7 +57,8 @@ def test_schedule_file_and_cache(model_and_tokenizer, tmp_path, capsys):
     peft = add_lora(model, {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
     try:
         module = SimpleNamespace(model=peft, tokenizer=tokenizer, cfg=OmegaConf.create({"data": {"chat_template": True}}))
-        trainer = SimpleNamespace(global_step=0, is_global_zero=True, default_root_dir=str(tmp_path), loggers=[])
+        trainer = SimpleNamespace(global_step=0, is_global_zero=True, default_root_dir=str(tmp_path), loggers=[],
+                                  precision_plugin=Precision())  # Lightning's 32-true plugin
         callback = GenerationCallback(PROMPTS, max_new_tokens=3, every_n_steps=2)
         calls = []
         original = callback.generate

@@ -10,11 +10,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable, TypeVar
 
-import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from reprpo_pl.errors import NonFiniteError, UserError
+from reprpo_pl.models.precision import default_precision
 
 CONF_MODULE = "reprpo_pl.conf"  # the repository's conf/, installed as a package (see pyproject.toml)
 CONF_PATH = f"pkg://{CONF_MODULE}"  # what @hydra.main and a user's hydra.searchpath name
@@ -26,7 +26,7 @@ EXIT_USER_ERROR = 2  # bad config, data or paths: fix the input and rerun
 EXIT_NON_FINITE = 3  # training diverged (NaN/inf loss, gradient or hidden state)
 
 if not OmegaConf.has_resolver("precision"):
-    OmegaConf.register_new_resolver("precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true")
+    OmegaConf.register_new_resolver("precision", default_precision)
 
 
 def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = False) -> T:

@@ -94,7 +94,8 @@ class ShiftEvalCallback(L.Callback):
         if self.last is not None and self.last[0] == trainer.global_step:
             return self.last[1]
         started = time.perf_counter()
-        targets = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
+        with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
+            targets = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
         self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
+from reprpo_pl.validation import validate_eval_request
 from reprpo_pl.eval.adapter_export import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
@@ -34,6 +35,7 @@ from reprpo_pl.eval.adapter_export import (
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_results
 from reprpo_pl.methods.base import trainable_state_mismatch
+from reprpo_pl.models.precision import precision_context
 from reprpo_pl.progress import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,7 @@ def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path)
 
 def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Score the checkpoint (or adapter folder) named by ``request.ckpt_path`` and write results into ``out_dir``."""
+    validate_eval_request(request)
     ckpt = checkpoint_file(request.get("ckpt_path"))
     if ckpt.is_dir():  # an adapter folder
         checkpoint = None
@@ -226,7 +229,8 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("validate")
     log.info("evaluating %s (step %s) on %d targets of %s", ckpt, global_step, len(datamodule.targets), dataset.source)
-    targets = evaluate_targets(module.model, datamodule)
+    with precision_context(cfg.trainer.precision, module.device):  # the precision the run trained (and was scored) in
+        targets = evaluate_targets(module.model, datamodule)
     results = build_results(cfg, targets, global_step=global_step)
     # `dataset` stays the training source (what the adapter learned); `evaluated_on` names the table used
     results.update(dataset=trained.dataset.source, evaluated_on=dataset.source, checkpoint=str(ckpt.resolve()))

@@ -66,7 +66,8 @@ class GenerationCallback(L.Callback):
             return
         step = trainer.global_step
         self.last_step = step
-        samples = self.generate(pl_module.model, pl_module.tokenizer, bool(pl_module.cfg.data.chat_template))
+        with trainer.precision_plugin.forward_context():  # the training steps' precision
+            samples = self.generate(pl_module.model, pl_module.tokenizer, bool(pl_module.cfg.data.chat_template))
         self.rows += [[step, *sample] for sample in samples]
         lines = [f"## step {step}", ""]
         for prompt, base, adapter in samples:

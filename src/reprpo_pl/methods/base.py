@@ -153,6 +153,9 @@ class PreferenceModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.method_cfg.warmup_ratio * total))
 
+        # transformers' get_cosine_schedule_with_warmup has the same cosine but warms up as step/warmup, so
+        # step 0 runs at lr 0: with LoRA's B = 0 start no lora_A moves in the first two steps, and a 1-step
+        # run trains nothing (measured; tests/test_combinations.py fails with it) [decided: kept (step+1)/warmup]
         def schedule(step: int) -> float:  # linear warmup then cosine to zero
             if step < warmup:
                 return (step + 1) / warmup
