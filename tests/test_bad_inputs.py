@@ -11,10 +11,13 @@ subprocesses to prove the contract end to end.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +34,18 @@ def genies_root(tmp_path: Path, train_rows: object) -> Path:
     if not root.exists():
         shutil.copytree(EMBEDDED_GENIES, root)
     path = root / "math" / "train.json"
-    path.write_text(train_rows if isinstance(train_rows, str) else json.dumps(train_rows))
+    if isinstance(train_rows, bytes):
+        path.write_bytes(train_rows)
+    else:
+        path.write_text(train_rows if isinstance(train_rows, str) else json.dumps(train_rows))
+    return root
+
+
+def ethics_root(tmp_path: Path, justice_test: bytes) -> Path:
+    """An ETHICS dir: the embedded subset with justice/justice_test.csv replaced by ``justice_test``."""
+    root = tmp_path / "ethics"
+    shutil.copytree(EMBEDDED_GENIES.parent / "ethics", root)
+    (root / "justice" / "justice_test.csv").write_bytes(justice_test)
     return root
 
 
@@ -40,6 +54,8 @@ def rows(*responses: dict[str, float], prompt: str = "What is 2+2?\n\n### Respon
 
 
 Overrides = Callable[[Path], list[str]]
+NON_UTF8_JSON = b'[{"prompt": "caf\xe9"}]'  # Latin-1 é, as a file saved in the wrong encoding has
+NON_UTF8_CSV = b"label,scenario\n1,caf\xe9\n"
 
 # (id, overrides given tmp_path, regex the `error:` line must match). All exit 2.
 USER_ERRORS: list[tuple[str, Overrides, str]] = [
@@ -101,6 +117,43 @@ USER_ERRORS: list[tuple[str, Overrides, str]] = [
     ("zero_learning_rate_dpo", lambda t: ["method=dpo", "method.lr=0"], r"method.lr=0 must be > 0"),
     ("load_in_4bit_on_cpu", lambda t: ["model.load_in_4bit=true"],
      r"model.load_in_4bit/load_in_8bit need a CUDA GPU \(bitsandbytes\); set them to false on CPU"),
+    # ---- reliability round 2: unreadable input bytes, numeric options (src/reprpo_pl/validation.py), optional groups
+    ("genies_not_utf8", lambda t: [f"data.root={genies_root(t, NON_UTF8_JSON)}"],
+     r"math/train\.json is not UTF-8 text: byte 0xe9 at offset 16 .*re-save the file as UTF-8"),
+    ("ethics_not_utf8", lambda t: [f"data.ethics_root={ethics_root(t, NON_UTF8_CSV)}"],
+     r"justice_test\.csv is not a readable UTF-8 CSV: .*byte 0xe9.*re-save the file as UTF-8"),
+    ("lr_nan", lambda t: ["method.lr=nan"], r"method.lr=nan must be > 0, e.g. method.lr=5e-5 \(a finite number\)"),
+    ("lr_inf", lambda t: ["method=dpo", "method.lr=inf"], r"method.lr=inf must be > 0, e.g. method.lr=5e-5 \(a finite number\)"),
+    ("lr_not_a_number", lambda t: ["method.lr=fast"], r"method.lr='fast' must be > 0"),
+    ("seed_negative", lambda t: ["seed=-1"], r"seed=-1 must be an integer in \[0, 2\*\*32\), e.g. seed=42"),
+    ("seed_fraction", lambda t: ["seed=1.5"], r"seed=1.5 must be an integer in \[0, 2\*\*32\)"),
+    ("data_seed_too_large", lambda t: [f"data.seed={2**32}"], r"data.seed=4294967296 must be an integer in \[0, 2\*\*32\)"),
+    ("accumulate_grad_batches_zero", lambda t: ["trainer.accumulate_grad_batches=0"],
+     r"trainer.accumulate_grad_batches=0 must be a positive integer, e.g. trainer.accumulate_grad_batches=1"),
+    ("max_steps_zero", lambda t: ["trainer.max_steps=0"], r"trainer.max_steps=0 must be a positive integer or -1 \(no limit\)"),
+    ("gradient_clip_negative", lambda t: ["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1 must be a finite number >= 0 or null"),
+    ("warmup_ratio_above_one", lambda t: ["method.warmup_ratio=2"], r"method.warmup_ratio=2 must be a number in \[0, 1\]"),
+    ("weight_decay_negative", lambda t: ["method.weight_decay=-0.1"], r"method.weight_decay=-0.1 must be a finite number >= 0"),
+    ("beta_zero_ipo", lambda t: ["method=dpo", "method.loss_type=ipo", "method.beta=0"],
+     r"method.beta=0 must be > 0 and finite \(ipo's target margin is 1/\(2·beta\).*e.g. method.beta=0.1"),
+    ("beta_negative_sigmoid", lambda t: ["method=dpo", "method.beta=-0.1"], r"method.beta=-0.1 must be > 0 and finite"),
+    ("label_smoothing_with_ipo", lambda t: ["method=dpo", "method.loss_type=ipo", "method.label_smoothing=0.1"],
+     r"method.label_smoothing=0.1 applies only to method.loss_type=sigmoid, and loss_type=ipo would ignore it: "
+     r"drop it or use method.loss_type=sigmoid"),
+    ("label_smoothing_with_hinge", lambda t: ["method=dpo", "method.loss_type=hinge", "method.label_smoothing=0.2"],
+     r"method.label_smoothing=0.2 applies only to method.loss_type=sigmoid, and loss_type=hinge would ignore it"),
+    ("label_smoothing_half", lambda t: ["method=dpo", "method.label_smoothing=0.5"], r"method.label_smoothing=0.5 must be a number in \[0, 0.5\)"),
+    ("inner_ipo_beta_zero", lambda t: ["loss.inner_loss_type=ipo", "loss.beta=0"],
+     r"loss.beta=0 with loss.inner_loss_type=ipo divides by zero .*set loss.beta > 0"),
+    ("lora_rank_zero", lambda t: ["adapter.r=0"], r"adapter.r=0 must be a positive integer, e.g. adapter.r=64"),
+    ("lora_dropout_one", lambda t: ["adapter.lora_dropout=1.0"], r"adapter.lora_dropout=1.0 must be a number in \[0, 1\)"),
+    ("experiment_typo", lambda t: ["experiment=no-such-experiment"],
+     r"experiment=no-such-experiment matches no config file of the experiment group: use one of cpu_comparison, dpo, "
+     r"hs-ether-innerdpo, .*side-none-prefvec$"),
+    ("experiment_close_match", lambda t: ["experiment=projgard"],
+     r"experiment=projgard matches no config file of the experiment group: did you mean projgrad\? use one of "),
+    ("hparams_search_typo", lambda t: ["hparams_search=inerdpo"],
+     r"hparams_search=inerdpo matches no config file .*did you mean innerdpo\? use one of dpo, innerdpo, projgrad$"),
 ]
 
 # Hydra's own errors: (id, overrides, text that must appear in stderr's first line). All exit 1.
@@ -120,7 +173,15 @@ CKPT_ERRORS: list[tuple[str, Callable[[Path], Path], str]] = [
     ("ckpt_corrupt", lambda t: _write(t / "bad.ckpt", b"PK\x03\x04 not really a checkpoint"),
      r"ckpt_path=.*/bad.ckpt cannot be read as a checkpoint \(.*\): the file is truncated or not a Lightning .ckpt"),
     ("ckpt_is_directory", lambda t: t, r"ckpt_path=.* is a directory: point it at a checkpoint file"),
+    ("ckpt_plain_state_dict", lambda t: _state_dict_file(t / "weights.pt"),
+     r"ckpt_path=.*/weights.pt holds no Lightning checkpoint \(no 'state_dict'\): point it at a run's checkpoints/last.ckpt"),
 ]
+
+
+def _state_dict_file(path: Path) -> Path:
+    """``torch.save(model.state_dict())``: a flat dict of tensors, not a Lightning checkpoint."""
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    return path
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -168,6 +229,38 @@ def test_hydra_error(tmp_path, case_id, overrides, first_line):
 def test_bad_checkpoint_path(tmp_path, case_id, ckpt, pattern):
     result = run_inprocess([*TINY, CKPT_PLUGIN, f"ckpt_path={ckpt(tmp_path)}"], tmp_path / "run")
     assert_user_error(result, pattern)
+
+
+def test_eval_of_a_plain_state_dict(tmp_path):
+    """``python -m reprpo_pl.eval ckpt_path=<torch.save(model.state_dict())>``: one line, exit 2, no output dir."""
+    from reprpo_pl.eval import from_checkpoint
+
+    ckpt = _state_dict_file(tmp_path / "weights.pt")
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["reprpo_pl.eval", f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'run'}"]
+    code: int | str = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            from_checkpoint.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    assert_user_error(CliResult(code, out.getvalue(), err.getvalue(), tmp_path / "run"),
+                      r"ckpt_path=.*/weights.pt is not a reprpo_pl checkpoint .*plain torch.save\(model.state_dict\(\)\).*"
+                      r"pass the run dir, its checkpoints/last.ckpt or its adapter folder")
+
+
+def test_eval_rejects_bad_numbers(tmp_path):
+    from reprpo_pl.errors import UserError
+    from reprpo_pl.validation import validate_eval_request
+    from omegaconf import OmegaConf
+
+    validate_eval_request(OmegaConf.create({"eval": {"n_samples": None, "batch_size": None, "seed": None}}))
+    with pytest.raises(UserError, match=r"eval.n_samples=0 must be a positive integer"):
+        validate_eval_request(OmegaConf.create({"eval": {"n_samples": 0, "batch_size": None, "seed": None}}))
+    with pytest.raises(UserError, match=r"eval.seed=-2 must be an integer in \[0, 2\*\*32\)"):
+        validate_eval_request(OmegaConf.create({"eval": {"n_samples": None, "batch_size": 2, "seed": -2}}))
 
 
 def test_bad_checkpoint_path_with_default_trainer(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,34 @@ def test_report_nothing_found(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_results_missing_required_keys_is_one_line(tmp_path, capsys):
+    """A results.json without the keys the tables read (label, targets, shifts) is not averaged as a gap:
+    `python -m reprpo_pl.report` stops with one line naming the file and the keys (exit 2)."""
+    doc = fake_results("dpo", 1, {t: 0.6 for t, _ in TARGETS})
+    write(tmp_path / "0", doc)
+    write(tmp_path / "1", {k: v for k, v in doc.items() if k not in ("shifts", "targets")})
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.search(r"^error: .*/1/results\.json lacks required key\(s\) targets, shifts .*not a reprpo_pl results\.json", err[0]), err
+    assert not (tmp_path / "report.md").exists()
+    bad_target = {**doc, "targets": [{"acc": 0.5}]}
+    (tmp_path / "1" / "results.json").write_text(json.dumps(bad_target))
+    with pytest.raises(UserError, match=r"1/results\.json lacks required key\(s\) targets\[0\]"):
+        report([tmp_path])
+
+
+def test_unreadable_results_are_a_reported_skip(tmp_path, capsys):
+    """A results.json that is not JSON (or not an object) is skipped, and the report says which."""
+    write(tmp_path / "0", fake_results("dpo", 1, {t: 0.6 for t, _ in TARGETS}))
+    write(tmp_path / "1", {})
+    (tmp_path / "1" / "results.json").write_bytes(b"\xff\xfe not json")
+    write(tmp_path / "2", {})
+    (tmp_path / "2" / "results.json").write_text("[1, 2]")
+    report([tmp_path])
+    out = capsys.readouterr().out
+    assert "2 unreadable results.json" in out and "1/results.json" in out and "2/results.json" in out

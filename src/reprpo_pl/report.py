@@ -63,18 +63,34 @@ def find_results(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     return unique, skipped
 
 
+REQUIRED_KEYS = {"label": str, "targets": list, "shifts": dict}  # what the tables read from every results.json
+
+
 def load_runs(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Parsed results documents (with ``_path`` added), and the unreadable files."""
+    """Parsed results documents (with ``_path`` added), and the unreadable files (not JSON, or not a
+    JSON object), which the report lists as skipped. A JSON object that lacks a key the tables need
+    (`REQUIRED_KEYS`: another program's results.json, or an older format) is a `UserError` naming the
+    file and the keys, rather than a silent gap in the averages."""
     runs, bad = [], []
     for f in files:
         try:
-            doc = json.loads(f.read_text())
-            if not isinstance(doc.get("label"), str):
-                raise KeyError("label")
-            doc["_path"] = str(f.parent)
-            runs.append(doc)
-        except (OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             bad.append(f)
+            continue
+        if not isinstance(doc, dict):
+            bad.append(f)
+            continue
+        wrong = [k for k, kind in REQUIRED_KEYS.items() if not isinstance(doc.get(k), kind)]
+        if not wrong:
+            wrong = [f"targets[{i}]" for i, t in enumerate(doc["targets"])
+                     if not (isinstance(t, dict) and isinstance(t.get("target"), str) and isinstance(t.get("shift"), str))][:1]
+        if wrong:
+            raise UserError(f"{f} lacks required key(s) {', '.join(wrong)} ({', '.join(REQUIRED_KEYS)} with each target's "
+                            "target and shift): not a reprpo_pl results.json; remove it, or rerun "
+                            "python -m reprpo_pl.eval on that run")
+        doc["_path"] = str(f.parent)
+        runs.append(doc)
     return runs, bad
 
 

@@ -25,6 +25,7 @@ from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.progress import quiet_third_party
+from reprpo_pl.validation import validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ for _name, _fn in (("ensure_dir", _ensure_dir), ("optuna_seed", _optuna_seed), (
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Fit ``cfg.method`` and return the results document (also written to ``run_dir``)."""
+    validate_train_config(cfg)  # numbers, combinations and optional-group names, before data or model load
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     quiet_third_party()
     datamodule = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)  # validates data before the model loads

@@ -2,7 +2,8 @@
 
 Per subset (texts are stripped of surrounding whitespace first):
 - deontology: per scenario, zip its label-1 (reasonable) excuses with its label-0 excuses.
-- utilitarianism (no header; col 0 more pleasant): prompt = common word prefix, completions = remainders.
+- utilitarianism (no header; col 0 more pleasant): prompt = common word prefix, completions = remainders
+  (with their leading space: prompt + completion is the sentence as written).
 - commonsense (label 1 = wrong) and justice (label 1 = reasonable): consecutive rows with different
   labels and a long enough shared word prefix; chosen = the acceptable / reasonable remainder.
   Justice is the right way round here [decided]; the prototype had it inverted.
@@ -71,7 +72,7 @@ def _records(path: Path, subset: str) -> list[list[str]]:
         with path.open(newline="", encoding="utf-8") as f:
             records = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{path} is not a readable UTF-8 CSV: {err}") from None
+        raise UserError(f"{path} is not a readable UTF-8 CSV: {err} — re-save the file as UTF-8 or re-download it") from None
     if header is not None:
         found = records[0] if records else []
         if tuple(found[: len(header)]) != header:
@@ -99,9 +100,11 @@ def common_word_prefix(a: str, b: str) -> str:
 
 
 def _split_pair(a: str, b: str) -> tuple[str, str, str]:
-    """``(prompt, remainder of a, remainder of b)``; the prompt drops the prefix's trailing space."""
-    prefix = common_word_prefix(a, b)
-    return prefix.rstrip(), a[len(prefix) :], b[len(prefix) :]
+    """``(prompt, remainder of a, remainder of b)``: the prompt drops the prefix's trailing space and the
+    remainders keep it as their leading space, so ``prompt + remainder`` is the sentence as written (the
+    completion is tokenised on its own: without the space "I went to the" + "park" reads "thepark")."""
+    prompt = common_word_prefix(a, b).rstrip()
+    return prompt, a[len(prompt) :], b[len(prompt) :]
 
 
 def _deontology(records: list[list[str]]) -> Iterator[tuple[int, str, str, str]]:
@@ -132,7 +135,7 @@ def _consecutive(records: list[list[str]], good_label: str) -> Iterator[tuple[in
             len(prompt) > MIN_PREFIX_CHARS
             and 2 * len(prompt) / (len(a) + len(b)) > MIN_OVERLAP
             and rest_a != rest_b
-            and min(len(rest_a), len(rest_b)) >= MIN_REMAINDER_CHARS
+            and min(len(rest_a.strip()), len(rest_b.strip())) >= MIN_REMAINDER_CHARS  # the leading space not counted
         ):
             yield (index - 1, prompt, rest_a, rest_b) if label_a == good_label else (index - 1, prompt, rest_b, rest_a)
 
@@ -156,7 +159,7 @@ def read_ethics_pairs(root: str | Path, subset: str, split: str) -> Dataset:
     pairs: list[Pair] = []
     n_skipped = 0
     for index, prompt, chosen, rejected in _candidates(subset, records):
-        if not chosen or not rejected or chosen == rejected:
+        if not chosen.strip() or not rejected.strip() or chosen == rejected:
             n_skipped += 1
             continue
         pairs.append({"id": f"ethics/{subset}/{split}/{index}", "prompt": prompt, "chosen": chosen, "rejected": rejected})

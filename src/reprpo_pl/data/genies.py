@@ -62,6 +62,9 @@ def _load_rows(path: Path) -> list[Any]:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"malformed JSON in {path}: {err} — fix or re-download the file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset {err.start} "
+                        f"({err.reason}) — re-save the file as UTF-8 or re-download it") from None
     if not isinstance(rows, list):
         raise UserError(f"{path} must hold a JSON list of rows, found a {type(rows).__name__}")
     return rows

@@ -100,7 +100,9 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
                         "the file is corrupt or incomplete") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping) \
             or "cfg" not in (checkpoint.get("hyper_parameters") or {}):
-        raise UserError(f"ckpt_path={ckpt} is not a reprpo_pl checkpoint (it lacks state_dict or hyper_parameters.cfg)")
+        raise UserError(f"ckpt_path={ckpt} is not a reprpo_pl checkpoint (it lacks state_dict or hyper_parameters.cfg; "
+                        "a plain torch.save(model.state_dict()) does not say which run it is): pass the run dir, its "
+                        "checkpoints/last.ckpt or its adapter folder")
     return checkpoint
 
 
