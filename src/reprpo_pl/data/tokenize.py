@@ -47,12 +47,22 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template
 def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TokenizeConfig, name: str = "") -> Dataset:
     """Map ``prompt/chosen/rejected`` text columns to ``prompt_ids/chosen_ids/rejected_ids`` token lists.
 
-    Counts and logs truncated rows; drops rows whose completions are empty or identical after truncation."""
+    Counts and logs truncated rows; drops rows whose completions are empty or identical after truncation.
+    An empty prompt becomes the tokenizer's BOS (EOS where it has none)."""
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     use_special = not (cfg.chat_template and tokenizer.chat_template)
+    # an empty prompt (an ETHICS utilitarianism pair without a shared prefix, chat template off) gets a
+    # one-token context: else the first completion token is "predicted" from a padding column of the
+    # batch (left padding), so its score would depend on the other rows
+    context = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     def encode(row: dict) -> dict:
         prompt = tokenizer(format_prompt(tokenizer, row["prompt"], cfg.chat_template), add_special_tokens=use_special)["input_ids"]
+        if not prompt:
+            if context is None:
+                raise UserError(f"{name or 'data'}: a row has an empty prompt and the tokenizer has neither a BOS nor an "
+                                "EOS token to give it a context; use a tokenizer with one, or data.chat_template=true")
+            prompt = [context]
         truncated = len(prompt) > cfg.max_prompt_length
         prompt = prompt[-cfg.max_prompt_length :]
         budget = cfg.max_length - len(prompt)
