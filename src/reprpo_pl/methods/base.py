@@ -19,9 +19,11 @@ from reprpo_pl.models.logprobs import (
     AGGS,
     aggregate,
     completion_logps,
+    completion_logps_and_log_sum_sq,
     pair_model_inputs,
 )
 from reprpo_pl.objectives.dpo import LOSS_TYPES
+from reprpo_pl.objectives.wpo import WPO_MODES, wpo_log_weight, wpo_weights
 
 
 class PreferenceModule(L.LightningModule):
@@ -56,6 +58,8 @@ class PreferenceModule(L.LightningModule):
             raise UserError(f"method.agg={self.method_cfg.agg!r}: use one of {', '.join(AGGS)}")
         if self.method_cfg.get("loss_type", "sigmoid") not in LOSS_TYPES:
             raise UserError(f"method.loss_type={self.method_cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+        if self.method_cfg.wpo not in WPO_MODES:
+            raise UserError(f"method.wpo={self.method_cfg.wpo!r}: use one of {', '.join(WPO_MODES)} (quote off in YAML: \"off\")")
         if self.method_cfg.packed_forward and not packed_layout:
             raise UserError(f"method.packed_forward=true: method={self.method_cfg.name} hooks module outputs of the "
                             "concatenated pair layout; drop the override")
@@ -110,6 +114,18 @@ class PreferenceModule(L.LightningModule):
             cache.misses += 1
             cache.store(batch["index"], outputs)
         return outputs, False
+
+    def policy_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """`pair_logps` of the policy, plus the WPO weight of each pair ``[B]`` (detached; None with
+        ``method.wpo=off``), from the same forward (`reprpo_pl.objectives.wpo`)."""
+        if self.method_cfg.wpo == "off":
+            return (*self.pair_logps(inputs), None)
+        per_token, log_sum_sq = completion_logps_and_log_sum_sq(self.model, inputs)
+        mask = inputs["completion_mask"]
+        cho, rej = aggregate(per_token, mask, self.method_cfg.agg).chunk(2)
+        nll_cho = -aggregate(per_token, mask, "mean").chunk(2)[0]
+        lw_cho, lw_rej = wpo_log_weight(per_token, log_sum_sq, mask).chunk(2)
+        return cho, rej, nll_cho, wpo_weights(lw_cho, lw_rej, self.method_cfg.wpo)
 
     def pair_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """For `pair_inputs` (packed or `concat_pairs`): aggregated log-probs of chosen and rejected (``[B]`` each, by

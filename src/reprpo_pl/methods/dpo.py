@@ -9,6 +9,7 @@ from torch import Tensor
 
 from reprpo_pl.methods.base import PreferenceModule
 from reprpo_pl.objectives.dpo import dpo_loss, dpo_metrics
+from reprpo_pl.objectives.wpo import weighted
 
 
 class DPOModule(PreferenceModule):
@@ -28,9 +29,12 @@ class DPOModule(PreferenceModule):
             return dict(zip(("logp_cho", "logp_rej", "nll_cho"), self.pair_logps(inputs)))
 
         ref, from_cache = self.cached_reference(batch, reference_forward, use_cache)
-        pi_cho, pi_rej, pi_nll = self.pair_logps(inputs)
-        loss = dpo_loss(pi_cho, pi_rej, ref["logp_cho"], ref["logp_rej"], cfg.beta, cfg.loss_type, cfg.label_smoothing).mean()
+        pi_cho, pi_rej, pi_nll, wpo = self.policy_logps(inputs)
+        per_pair = dpo_loss(pi_cho, pi_rej, ref["logp_cho"], ref["logp_rej"], cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        loss = weighted(per_pair, wpo).mean()
         metrics = dpo_metrics(pi_cho, pi_rej, ref["logp_cho"], ref["logp_rej"], cfg.beta)
+        if wpo is not None:
+            metrics["wpo/weight"] = wpo.mean()
         metrics |= {"nll/chosen": pi_nll.detach().mean(), "nll/chosen_ref": ref["nll_cho"].mean()}
         if self.ref_cache is not None:  # 1 when this batch's reference outputs came from the cache
             metrics["ref_cached"] = float(from_cache)

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from reprpo_pl.errors import UserError
 from reprpo_pl.methods.base import PreferenceModule
 from reprpo_pl.models.pair_layouts import completion_states
 from reprpo_pl.reprs.collection import HiddenStateCollector
@@ -31,6 +32,9 @@ class ReprPOModule(PreferenceModule):
         layers = parse_layers(coll.layers, self.model.config.num_hidden_layers)
         self.collector = HiddenStateCollector(self.model, coll.mode, layers, coll.collect_input, list(coll.modules))
         self.loss_fn = instantiate({k: v for k, v in self.cfg.loss.items() if k != "name"})
+        if self.method_cfg.wpo != "off" and self.loss_fn.logprob_term != "smooth":
+            raise UserError(f"method.wpo={self.method_cfg.wpo} weights a DPO term, and loss={self.cfg.loss.name} has none "
+                            "here: use method.wpo=off (or a loss with a DPO term: innerdpo, innerpo, prefvec)")
         self.transform = build_transform(self.cfg.transform, self.collector.keys, self.collector.dims, self.model, coll.mode)
         self.pipeline = ReprPipeline(self.transform, self.loss_fn.pooling, coll.sink_k, self.loss_fn.needs_token_deviation)
         if self.ref_cache is not None and not self.pipeline.reference_cacheable:
@@ -53,7 +57,7 @@ class ReprPOModule(PreferenceModule):
 
         ref, from_cache = self.cached_reference(batch, reference_forward, use_cache)
         with self.collector as states:
-            pi_cho, pi_rej, pi_nll = self.pair_logps(inputs)
+            pi_cho, pi_rej, pi_nll, wpo = self.policy_logps(inputs)
         self.check_finite(states, where="hidden state at")
         pi_tokens = {k: completion_states(h, inputs) for k, h in states.items()}
         pi_pooled, ref_pooled = self.pipeline.pooled(pi_tokens, ref, mask)
@@ -63,9 +67,11 @@ class ReprPOModule(PreferenceModule):
         halves = lambda d: ({k: v.chunk(2)[0] for k, v in d.items()}, {k: v.chunk(2)[1] for k, v in d.items()})  # noqa: E731
         (pi_c, pi_r), (ref_c, ref_r) = halves(pi_pooled), halves(ref_pooled)
         reprs = ReprBatch(pi_c, pi_r, ref_c, ref_r, pi_cho, pi_rej, ref["logp_cho"], ref["logp_rej"], pi_nll,
-                          ref["nll_cho"], dev_cho, dev_rej)
+                          ref["nll_cho"], dev_cho, dev_rej, wpo)
         loss, metrics = self.loss_fn(reprs)
         metrics |= {"nll/chosen": pi_nll.detach().mean(), "nll/chosen_ref": ref["nll_cho"].mean()}
+        if wpo is not None:
+            metrics["wpo/weight"] = wpo.mean()
         if self.ref_cache is not None:  # 1 when this batch's reference outputs came from the cache
             metrics["ref_cached"] = float(from_cache)
         return loss, metrics

@@ -28,6 +28,7 @@ class ReprBatch:
     ref_nll_cho: Tensor  # [B] same for the reference
     token_dev_cho: Tensor | None = None  # [B] masked mean_t ‖H^π − H^ref‖, mean over keys
     token_dev_rej: Tensor | None = None  # [B]
+    dpo_weights: Tensor | None = None  # [B] detached WPO weights of the DPO term (method.wpo), None = off
 
     @property
     def keys(self) -> list[str]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from reprpo_pl.errors import UserError
 from reprpo_pl.objectives.dpo import dpo_loss
+from reprpo_pl.objectives.wpo import weighted
 from reprpo_pl.reprs.geometry import (
     EPS,
     PreferenceGeometry,
@@ -138,10 +139,10 @@ class InnerDPOLoss:
             hidden_margin = hidden_margin - penalty
             terms["hidden/token_penalty"] = penalty.mean()
         loss_in = margin_loss(hidden_margin, self.beta, self.inner_loss_type)  # [B]
-        loss_out = dpo_loss(
+        loss_out = weighted(dpo_loss(
             batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej,
             beta=self.beta_out, loss_type=self.outer_loss_type,
-        )  # [B]
+        ), batch.dpo_weights)  # [B], WPO-weighted with method.wpo
         per_pair = loss_out + self.alpha * loss_in
         if self.use_policy_weights:
             per_pair = per_pair * policy_weights(batch)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reprpo_pl.objectives.dpo import dpo_loss
+from reprpo_pl.objectives.wpo import weighted
 from reprpo_pl.reprs.geometry import cosine, key_geometries
 from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
@@ -40,6 +41,7 @@ class InnerPOLoss:
             [self.beta * (cosine(g.pi_cho, g.ref_cho) - cosine(g.pi_rej, g.ref_rej)) for g in key_geometries(batch)]
         )  # [K, B]
         loss_in = (-F.logsigmoid(theta)).mean(0)  # [B]
-        loss_out = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej, beta=DPO_BETA)
+        loss_out = weighted(dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej,
+                                     beta=DPO_BETA), batch.dpo_weights)  # WPO-weighted with method.wpo
         terms = {"loss/out": loss_out.mean(), "loss/in": loss_in.mean(), "hidden/theta": theta.mean()}
         return (loss_out + self.alpha * loss_in).mean(), reprpo_diagnostics(batch, DPO_BETA, terms)

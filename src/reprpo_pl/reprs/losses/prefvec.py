@@ -8,6 +8,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from reprpo_pl.objectives.dpo import dpo_loss
+from reprpo_pl.objectives.wpo import weighted
 from reprpo_pl.reprs.geometry import cosine, dot, key_geometries, mean_over_keys, norm
 from reprpo_pl.reprs.losses import LogprobTerm
 from reprpo_pl.reprs.losses.diagnostics import reprpo_diagnostics
@@ -49,9 +50,9 @@ class PrefVecLoss:
             orth.append(norm(cho_move - cho_along.unsqueeze(-1) * u) + norm(rej_move - rej_along.unsqueeze(-1) * u))
             angle.append(2 - cosine(cho_move, r) - cosine(rej_move, -r))
         loss_proj, loss_orth, loss_angle = mean_over_keys(proj), mean_over_keys(orth), mean_over_keys(angle)  # [B]
-        loss_dpo = dpo_loss(
+        loss_dpo = weighted(dpo_loss(
             batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej, beta=self.dpo_beta
-        )  # [B]
+        ), batch.dpo_weights)  # [B], WPO-weighted with method.wpo
         per_pair = (
             loss_proj
             + self.beta * (self.use_orth_loss * loss_orth + self.use_angle_loss * loss_angle)
