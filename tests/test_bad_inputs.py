@@ -263,6 +263,18 @@ def test_eval_rejects_bad_numbers(tmp_path):
         validate_eval_request(OmegaConf.create({"eval": {"n_samples": None, "batch_size": 2, "seed": -2}}))
 
 
+def test_optional_group_on_a_user_searchpath(tmp_path):
+    """An experiment from a user's ``hydra.searchpath`` is a valid choice (the run goes on to the next
+    check, here a bad batch size), and a typo of it is suggested."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\nseed: 7\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    result = run_inprocess([*TINY, searchpath, "experiment=mine", "data.batch_size=0"], tmp_path / "run")
+    assert_user_error(result, r"data.batch_size=0 must be a positive integer")
+    result = run_inprocess([*TINY, searchpath, "experiment=mime"], tmp_path / "run")
+    assert_user_error(result, r"experiment=mime matches no config file of the experiment group: did you mean mine\? .*, mine, ")
+
+
 def test_bad_checkpoint_path_with_default_trainer(tmp_path):
     result = run_inprocess([*TINY, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "run")
     assert_user_error(result, r"ckpt_path=.*missing.ckpt does not exist")

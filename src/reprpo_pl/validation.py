@@ -157,9 +157,12 @@ def _hydra_group_options(group: str) -> list[str]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        searchpath = [o for o in hc.overrides.task if o.startswith("hydra.searchpath")]
+        paths = list(hc.searchpath or [])  # from the command line or the primary config
+        if not paths:
+            return []
+        override = "hydra.searchpath=[" + ",".join(repr(str(p)) for p in paths) + "]"
         return GlobalHydra.instance().config_loader().get_group_options(group, config_name=hc.job.config_name,
-                                                                        overrides=searchpath)
+                                                                        overrides=[override])
     except Exception:  # noqa: BLE001 - no running app (a test calling train() directly): the package's files only
         return []
 
