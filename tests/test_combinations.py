@@ -358,6 +358,7 @@ INVALID = [
     pytest.param(["transform=supr", "collection.mode=hs", "collection.layers=[2]"], r"supr.*≥ 2", id="supr-one-layer"),
     pytest.param(["transform=svd", "collection.mode=side"], r"svd projects states of the model width d=64.*down_proj", id="svd-side"),
     pytest.param(["transform=ether", "transform.Htype=etherplusHH"], r"etherplusHH needs transform\.nb=2 to divide f", id="etherplusHH-nb-f"),
+    pytest.param(["loss=rank", "collection.pooling=last"], r"collection.pooling=last: loss=rank pools log_softmax_mean", id="rank-last"),
 ]
 
 

@@ -247,7 +247,9 @@ def test_packed_layout_matches_concat(method, rows, tokenizer_module):
         torch.testing.assert_close(grads_p[name], grads_c[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("overrides", [["transform=ether"], ["transform=hra", "collection.sink_k=1.0"], ["transform=svd"]])
+@pytest.mark.parametrize("overrides", [["transform=ether"], ["transform=hra", "collection.sink_k=1.0"], ["transform=svd"],
+                                       ["transform=ether", "collection.pooling=last"],
+                                       ["transform=hra", "collection.pooling=exp_decay", "collection.sink_k=1.0"]])
 def test_pool_first_matches_transform_then_pool(overrides, rows, tokenizer_module):
     """The pool-first shortcut gives the loss and gradients of transforming every token, then pooling."""
     first, per_token = make_module("method=innerdpo", *overrides), make_module("method=innerdpo", *overrides)

@@ -86,3 +86,34 @@ def test_unknown_pooling_kind_is_a_user_error() -> None:
     x, mask = _states()
     with pytest.raises(UserError, match="mean, log_softmax_mean"):
         pool(x, mask, "max")  # type: ignore[arg-type]
+
+
+# ---- collection.pooling: token weights ---------------------------------------------------------------
+
+
+def test_token_weights_last_picks_the_last_real_completion_token():
+    from reprpo_pl.reprs.pooling import token_weights
+
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [False] * 4])
+    w = token_weights(mask, "last")
+    assert torch.equal(w, torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4]))
+
+
+def test_token_weights_exp_decay_counts_completion_tokens_only():
+    import math
+
+    from reprpo_pl.reprs.pooling import EXP_DECAY_TOKENS, token_weights
+
+    mask = torch.tensor([[False, True, True, True]])  # a leading non-completion position gets no weight, no count
+    w = token_weights(mask, "exp_decay")[0]
+    raw = torch.tensor([0.0, 1.0, math.exp(-1 / EXP_DECAY_TOKENS), math.exp(-2 / EXP_DECAY_TOKENS)])
+    torch.testing.assert_close(w, raw / raw.sum())
+    assert torch.equal(token_weights(mask, "mean")[0], torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_unknown_token_weighting_is_a_user_error():
+    from reprpo_pl.errors import UserError
+    from reprpo_pl.reprs.pooling import token_weights
+
+    with pytest.raises(UserError, match="collection.pooling='first'"):
+        token_weights(torch.ones(1, 2, dtype=torch.bool), "first")

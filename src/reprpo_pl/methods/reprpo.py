@@ -36,7 +36,11 @@ class ReprPOModule(PreferenceModule):
             raise UserError(f"method.wpo={self.method_cfg.wpo} weights a DPO term, and loss={self.cfg.loss.name} has none "
                             "here: use method.wpo=off (or a loss with a DPO term: innerdpo, innerpo, prefvec)")
         self.transform = build_transform(self.cfg.transform, self.collector.keys, self.collector.dims, self.model, coll.mode)
-        self.pipeline = ReprPipeline(self.transform, self.loss_fn.pooling, coll.sink_k, self.loss_fn.needs_token_deviation)
+        if coll.pooling != "mean" and self.loss_fn.pooling != "mean":
+            raise UserError(f"collection.pooling={coll.pooling}: loss={self.cfg.loss.name} pools {self.loss_fn.pooling} "
+                            "over every completion token; use collection.pooling=mean")
+        self.pipeline = ReprPipeline(self.transform, self.loss_fn.pooling, coll.sink_k, self.loss_fn.needs_token_deviation,
+                                     coll.pooling)
         if self.ref_cache is not None and not self.pipeline.reference_cacheable:
             log.info("ref_cache: off for this ReprPO setup (it needs per-token reference states every step)")
             self.ref_cache = None

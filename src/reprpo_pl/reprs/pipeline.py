@@ -1,8 +1,9 @@
 """From collected completion states to the pooled, transformed vectors a ReprPO loss reads (SPEC §3.4).
 
 `ReprPipeline` holds the one decision that makes this fast and keeps it exact: **pool first** when
-``T(mmean_t H) = mmean_t T(H)``, i.e. the loss pools with a plain mean and the transform is one linear
-map per token (`TransformTraits.commutes_with_mean`); with attention-sink filtering the dropped
+``T(Σ_t w_t H_t) = Σ_t w_t T(H_t)``, i.e. the loss pools the states themselves (not their log-softmax) and the
+transform is one linear map per token (`TransformTraits.commutes_with_mean`): then it holds for every token
+weighting whose weights depend on the mask only (``collection.pooling``: mean, last, exp_decay); with attention-sink filtering the dropped
 positions are found on raw norms, so the transform must also preserve norms. Then states are pooled to
 ``[2B, d]`` before the transform, and the reference's pooled (untransformed) states are constant per
 example, so they can be cached (the methods' reference cache). Otherwise (supr, rank's log-softmax
@@ -19,9 +20,11 @@ from torch import Tensor
 
 from reprpo_pl.reprs.pooling import (
     PoolingKind,
+    TokenWeighting,
     filter_attention_sinks,
-    masked_mean,
     pool,
+    token_weights,
+    weighted_mean,
 )
 from reprpo_pl.reprs.transforms import ReprTransform, transform_traits
 
@@ -37,6 +40,7 @@ class ReprPipeline:
     pooling: PoolingKind
     sink_k: float | None
     needs_token_deviation: bool = False
+    tokens: TokenWeighting = "mean"  # collection.pooling: which completion tokens, how much (`token_weights`)
 
     def __post_init__(self) -> None:
         traits = transform_traits(self.transform)
@@ -74,7 +78,8 @@ class ReprPipeline:
     def _pool_raw(self, tokens: States, mask: Tensor) -> States:
         """Untransformed ``{key: [2B, C, d]}`` → masked means ``{key: [2B, d]}`` fp32, sinks dropped on raw
         norms (equal to transformed norms: pool_first needs a norm-preserving transform for that)."""
-        return {k: masked_mean(h, mask if self.sink_k is None else filter_attention_sinks(h, mask, self.sink_k))
+        return {k: weighted_mean(h, token_weights(mask if self.sink_k is None else filter_attention_sinks(h, mask, self.sink_k),
+                                                  self.tokens))
                 for k, h in tokens.items()}
 
     def _transform_pooled(self, pooled: States) -> States:
@@ -86,7 +91,7 @@ class ReprPipeline:
     def _pool_tokens(self, tokens: States, mask: Tensor) -> States:
         """``{key: [2B, C, d]}`` → transformed per token, then pooled ``{key: [2B, d]}``."""
         transformed = self.transform(tokens, mask)
-        return {k: pool(h, mask, self.pooling, self.sink_k) for k, h in transformed.items()}
+        return {k: pool(h, mask, self.pooling, self.sink_k, self.tokens) for k, h in transformed.items()}
 
 
 def token_deviation(policy: States, reference: States, mask: Tensor) -> Tensor:
