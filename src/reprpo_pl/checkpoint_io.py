@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from reprpo_pl.errors import UserError
 
@@ -93,3 +95,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise UserError(f"ckpt_path={path} holds no Lightning checkpoint (no 'state_dict'): point it at a run's checkpoints/last.ckpt")
         return checkpoint
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose ``last.ckpt`` is resumable at every point a run can stop: written every
+    ``every_n_train_steps`` optimizer steps (Lightning's own trigger), at every epoch end, on SIGTERM,
+    and at the end of training, always for the final step.
+
+    Why a subclass (Lightning 2.6.6): with ``save_top_k=0`` ModelCheckpoint writes ``last.ckpt`` only
+    at its step/time trigger; at epoch end it copies ``last.ckpt`` only when it saved a top-k file at
+    that step; ``every_n_train_steps`` and ``every_n_epochs`` cannot be combined; ``on_train_end``
+    saves only if nothing was ever saved (so a run of 73 steps with ``every_n_train_steps=50`` would
+    end with a step-50 ``last.ckpt``); and on SIGTERM Lightning raises `SIGTERMException` without a
+    checkpoint unless ``save_on_exception`` (which also writes a second, named file)."""
+
+    def __init__(self, *args: Any, save_last: bool = True, save_top_k: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, save_last=save_last, save_top_k=save_top_k, **kwargs)
+
+    def save_last_now(self, trainer: Any) -> None:
+        """Write ``last.ckpt`` for the current step unless it already holds it (or no step was taken)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.save_last_now(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.save_last_now(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException):  # preempted: the state is that of a finished step
+            self.save_last_now(trainer)

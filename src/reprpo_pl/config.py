@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
-from reprpo_pl.errors import NonFiniteError, UserError
+from reprpo_pl.errors import NonFiniteError, Preempted, UserError
 from reprpo_pl.models.precision import default_precision
 
 CONF_MODULE = "reprpo_pl.conf"  # the repository's conf/, installed as a package (see pyproject.toml)
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2  # bad config, data or paths: fix the input and rerun
 EXIT_NON_FINITE = 3  # training diverged (NaN/inf loss, gradient or hidden state)
+EXIT_PREEMPTED = 143  # SIGTERM (128 + 15, as a shell reports a process killed by it): resume from last.ckpt
 
 if not OmegaConf.has_resolver("precision"):
     OmegaConf.register_new_resolver("precision", default_precision)
@@ -47,12 +48,13 @@ def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = F
         if multirun:  # a fresh exception: no deep traceback in the sweeper's log
             raise type(user_error)(str(user_error)) from None
         print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(EXIT_NON_FINITE if isinstance(user_error, NonFiniteError) else EXIT_USER_ERROR)
+        sys.exit(EXIT_NON_FINITE if isinstance(user_error, NonFiniteError)
+                 else EXIT_PREEMPTED if isinstance(user_error, Preempted) else EXIT_USER_ERROR)
 
 
 def user_facing_error(e: BaseException) -> Exception | None:
     """The error to show the user as one line, or None for a bug (which keeps its traceback)."""
-    if isinstance(e, (UserError, NonFiniteError)):
+    if isinstance(e, (UserError, NonFiniteError, Preempted)):
         return e
     if isinstance(e, InstantiationException):
         cause = e.__cause__

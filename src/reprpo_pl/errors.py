@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A loss, gradient or hidden state became NaN/inf during training; the message says where."""
+
+
+class Preempted(RuntimeError):
+    """Training was stopped by SIGTERM (a scheduler's preemption); ``last.ckpt`` holds the last finished step."""

@@ -18,11 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import Preempted, UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.progress import quiet_third_party
 from reprpo_pl.validation import validate_train_config
@@ -87,10 +88,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         failed = False
+    except SIGTERMException:  # Lightning stops fit after the step in progress and exits 0 by default
+        raise Preempted(f"preempted (SIGTERM) at step {trainer.global_step}; resume with "
+                        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}") from None
     finally:
         finish_wandb(failed)
     evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
+    if trainer.is_global_zero and evaluator.results is None:  # fit returned without training (its loop was done)
+        raise UserError(nothing_to_do(cfg, trainer.global_step))
     return evaluator.results or {}
+
+
+def nothing_to_do(cfg: DictConfig, step: int) -> str:
+    """Why a fit that returned without training wrote no results."""
+    limits = f"trainer.max_epochs={cfg.trainer.max_epochs} trainer.max_steps={cfg.trainer.max_steps}"
+    if cfg.ckpt_path:
+        return (f"nothing to do: ckpt_path={cfg.ckpt_path} is a finished run (step {step}, {limits} reached); its "
+                "results.json is in its run dir, or raise trainer.max_epochs to train further")
+    return f"nothing to do: {limits} trains no step; use a positive limit (-1 for none)"
 
 
 def finish_wandb(failed: bool = False) -> None:

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
-from reprpo_pl.eval.results import run_label, write_results
+from reprpo_pl.errors import NonFiniteError
+from reprpo_pl.eval.results import non_finite, run_label, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,24 @@ class ShiftEvalCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
+        step = trainer.global_step - 1  # the last optimizer step; its update is checked by no later loss
+        bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        if bad:
+            raise NonFiniteError(f"diverged at step {step}: non-finite parameter {bad[0]} after the last optimizer step; lower method.lr")
         targets = self._evaluate(trainer, pl_module)
         fit_s = time.perf_counter() - self.started if self.started is not None else float("nan")
         timing = {"train_s": round(fit_s - self.eval_s, 1), "eval_s": round(self.eval_s, 1)}  # wall seconds
-        self.results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
-                                     timing=timing)
+        results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
+                                timing=timing)
+        if bad := non_finite({"targets": results["targets"], "shifts": results["shifts"]}):
+            raise NonFiniteError(f"diverged at step {step}: non-finite eval scores ({', '.join(bad[:3])}); lower method.lr")
+        self.results = results
         log_results_tables(trainer.loggers, self.results)
-        if self.write:
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """results.json last: after every ``on_train_end`` (Lightning runs ModelCheckpoint's, which
+        writes the final last.ckpt, after all other callbacks'; AdapterExport's writes adapter/)."""
+        if trainer.is_global_zero and self.results is not None and self.write:
             markdown = write_results(Path(trainer.default_root_dir), self.results)
             log.info("results written to %s", trainer.default_root_dir)
             print("\n" + markdown)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from reprpo_pl.errors import NonFiniteError
 from reprpo_pl.eval.metrics import SHIFT_ORDER
 
 
@@ -62,8 +64,23 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def non_finite(doc: Any, path: str = "") -> list[str]:
+    """The paths (``targets[0].acc``, ``shifts.ood.acc``) of the NaN/inf numbers in a JSON-like ``doc``."""
+    if isinstance(doc, float):
+        return [] if math.isfinite(doc) else [path or "<value>"]
+    if isinstance(doc, dict):
+        return [p for k, v in doc.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(doc, (list, tuple)):
+        return [p for i, v in enumerate(doc) for p in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
 def write_results(run_dir: str | Path, results: dict[str, Any]) -> str:
-    """Write results.json and results.md into ``run_dir``; returns the markdown."""
+    """Write results.json and results.md into ``run_dir``; returns the markdown. A document holding a
+    NaN/inf number is never written (`NonFiniteError`): a results.json's numbers are all finite."""
+    if bad := non_finite(results):
+        raise NonFiniteError(f"results for {run_dir} hold non-finite numbers ({', '.join(bad[:3])}"
+                             f"{', …' if len(bad) > 3 else ''}); results.json not written")
     markdown = render_markdown(results)
     atomic_write_text(Path(run_dir) / "results.md", markdown)
     # results.json last: its presence marks a complete run
