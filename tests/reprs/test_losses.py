@@ -63,6 +63,7 @@ SIGN_XFAIL = {
         "innerdpo-angle_mag": SIGN_BLIND,
         "innerdpo-cosine_policy_margin": "rewards chosen and rejected becoming unlike in any direction, so it is blind to the sign of s",
         "mse": NOT_SEPARATION,
+        "innerdpo-pars_rat_log": "clamped at s = ε (the prototype's log is NaN for s < 0): no gradient while s < 0",
     },
 }
 SIGN_SKIP = {  # the outcome at this start depends on the noise draw, so neither pass nor xfail is honest
@@ -259,6 +260,7 @@ def test_diagnostics_are_detached_finite_scalars(name: str) -> None:
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_do_not_mutate_their_inputs(name: str) -> None:
     batch = make_batch()
+    batch = replace(batch, dpo_weights=torch.rand(batch.pi_logp_cho.shape, dtype=batch.pi_logp_cho.dtype))
     before = {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
               for k, v in vars(batch).items()}
     LOSSES[name]()(batch)
@@ -289,6 +291,21 @@ def test_innerdpo_outer_term_is_dpo(outer: str) -> None:
     dpo = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej,
                    beta=0.1, loss_type=outer).mean()
     torch.testing.assert_close(make_loss("innerdpo", outer_loss_type=outer)(batch)[1]["loss/out"], dpo)
+
+
+@pytest.mark.parametrize(("name", "beta"), [("innerdpo", "beta_out"), ("prefvec", "dpo_beta")])
+def test_dpo_term_carries_the_wpo_weights(name: str, beta: str) -> None:
+    """method.wpo's weights (batch.dpo_weights) multiply each pair's DPO term of the ReprPO losses."""
+    overrides = {"alpha": 0.0} if name == "innerdpo" else {"use_orth_loss": False, "use_angle_loss": False}
+    loss_fn = make_loss(name, **overrides)
+    batch = make_batch()
+    w = torch.tensor([0.1, 1.0, 0.5, 0.0], dtype=batch.pi_logp_cho.dtype)
+    weighted_out = loss_fn(replace(batch, dpo_weights=w))[1]
+    plain_out = loss_fn(batch)[1]
+    dpo = dpo_loss(batch.pi_logp_cho, batch.pi_logp_rej, batch.ref_logp_cho, batch.ref_logp_rej, getattr(loss_fn, beta))
+    key = "loss/out" if name == "innerdpo" else "loss/dpo"
+    torch.testing.assert_close(plain_out[key], dpo.mean())
+    torch.testing.assert_close(weighted_out[key], (w * dpo).mean())
 
 
 @pytest.mark.parametrize("method", list(ALIGN_METHODS))

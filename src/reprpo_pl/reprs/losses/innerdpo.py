@@ -53,7 +53,30 @@ def _angle_mag(g: PreferenceGeometry) -> Tensor:
     return magnitude * torch.atanh(cosine(g.pi_separation, g.ref_direction).abs().clamp(max=1.0) - EPS)
 
 
-# Hθ per key, ``[B]``, as listed in SPEC §3.4; s = ⟨q, û⟩, P = ‖q_par‖, O = ‖q_orth‖.
+COS_CLAMP = 1e-4  # cosine_logodds clamps cos(q, r) to ±(1 − this) before atanh
+PARS_RAT_LOG_SCALE = 10.0  # the prototype's factor of pars_rat_log (8418662)
+
+
+def _cosine_logodds(g: PreferenceGeometry) -> Tensor:
+    """``logit((1 + cos(q, r))/2) = 2·atanh(cos(q, r))`` ``[B]``, cos clamped to ±(1 − ε) (SPEC-recipes §2, J 05-30):
+    up as the policy's separation turns towards the reference's, signed."""
+    return 2 * torch.atanh(cosine(g.pi_separation, g.ref_direction).clamp(-1 + COS_CLAMP, 1 - COS_CLAMP))
+
+
+def _cross_similarity(g: PreferenceGeometry) -> Tensor:
+    """``(cos(π_c, ref_c) − cos(π_c, ref_j)) − (cos(π_j, ref_c) − cos(π_j, ref_j))`` ``[B]``, bounded in [−4, 4]
+    (SPEC-recipes §2, J 05-30): chosen closer to the reference's chosen than to its rejected, and vice versa."""
+    return (cosine(g.pi_cho, g.ref_cho) - cosine(g.pi_cho, g.ref_rej)) - (cosine(g.pi_rej, g.ref_cho) - cosine(g.pi_rej, g.ref_rej))
+
+
+def _pars_rat_log(g: PreferenceGeometry) -> Tensor:
+    """``10·(log(max(s, ε)) − log(‖r‖ + ε))`` ``[B]`` (8418662): pars_rat in log space. The prototype's form is NaN
+    for s < 0; clamped here [decided], so it has no gradient while the policy's separation is backwards."""
+    return PARS_RAT_LOG_SCALE * (torch.log(g.signed_proj.clamp(min=EPS)) - torch.log(norm(g.ref_direction) + EPS))
+
+
+# Hθ per key, ``[B]``, as listed in SPEC §3.4 (and SPEC-recipes §2's ✓ margins at the end); s = ⟨q, û⟩,
+# P = ‖q_par‖, O = ‖q_orth‖.
 ALIGN_METHODS: dict[str, Callable[[PreferenceGeometry], Tensor]] = {
     "pars_rat": lambda g: g.signed_proj / (norm(g.ref_direction) + EPS) - 1,
     "para_signed": lambda g: g.signed_proj,
@@ -68,6 +91,9 @@ ALIGN_METHODS: dict[str, Callable[[PreferenceGeometry], Tensor]] = {
     "para_orth": _para_orth,
     "direct_projection": lambda g: torch.log(l1_norm(g.pi_separation * g.unit_ref) + EPS),
     "angle_mag": _angle_mag,
+    "cosine_logodds": _cosine_logodds,
+    "cross_similarity": _cross_similarity,
+    "pars_rat_log": _pars_rat_log,
 }
 
 
