@@ -11,8 +11,8 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
-from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
 from reprpo_pl.errors import NonFiniteError
+from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
 from reprpo_pl.eval.results import non_finite, run_label, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
@@ -35,6 +35,8 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
 def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """The results.json document (schema in the README)."""
     shifts = shift_summary(targets)
+    value, floored_because = objective(shifts, targets, cfg.eval.objective_shifts, cfg.eval.coherence_limit,
+                                       cfg.eval.objective_floor)
     return {
         "label": run_label(cfg),
         "method": cfg.method.name,
@@ -45,7 +47,8 @@ def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict
         "seed": int(cfg.seed),
         "n_train": int(cfg.data.n_train),
         **extra,
-        "objective": objective(shifts),
+        "objective": value,
+        "objective_floored_because": floored_because,  # null unless the objective is eval.objective_floor
         "targets": targets,
         "shifts": shifts,
         "config": OmegaConf.to_container(cfg, resolve=True),

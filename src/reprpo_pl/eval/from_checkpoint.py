@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import UserError
-from reprpo_pl.validation import validate_eval_request
 from reprpo_pl.eval.adapter_export import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
@@ -37,6 +36,7 @@ from reprpo_pl.eval.results import write_results
 from reprpo_pl.methods.base import trainable_state_mismatch
 from reprpo_pl.models.precision import precision_context
 from reprpo_pl.progress import quiet_third_party
+from reprpo_pl.validation import validate_eval_request
 
 log = logging.getLogger(__name__)
 

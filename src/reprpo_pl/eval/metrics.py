@@ -46,8 +46,24 @@ def shift_summary(targets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def objective(shifts: dict[str, dict[str, Any]], key: str = "acc_gain_vs_ref") -> float:
-    """The sweep objective: mean ``key`` over the shift types other than in_domain (finite float)."""
-    values = [s[key] for name, s in shifts.items() if name != "in_domain" and s.get(key) is not None]
-    value = sum(values) / len(values) if values else 0.0
-    return value if math.isfinite(value) else 0.0
+NOT_OBJECTIVE_SHIFTS = ("train", "in_domain", "orthogonal")  # in-sample, the training distribution, the control
+
+
+def objective(shifts: dict[str, dict[str, Any]], targets: list[dict[str, Any]], objective_shifts: list[str] | None = None,
+              coherence_limit: float = 2.0, floor: float = 0.0, key: str = "acc_gain_vs_ref") -> tuple[float, str | None]:
+    """The sweep objective and, when it is ``floor``, why.
+
+    Mean ``key`` over ``objective_shifts`` (None: every shift type except `NOT_OBJECTIVE_SHIFTS`: the orthogonal
+    control should stay unchanged, not be maximised). A run whose chosen log-perplexity moved by more than
+    ``coherence_limit`` nats per token on any target is likely incoherent: it gets ``floor``, so a sweeper never
+    prefers a broken model for its accuracy."""
+    incoherent = [t["target"] for t in targets
+                  if t.get("log_ppl_chosen_delta") is not None and abs(t["log_ppl_chosen_delta"]) > coherence_limit]
+    if incoherent:
+        return floor, f"chosen log-perplexity moved by more than eval.coherence_limit={coherence_limit} on {', '.join(incoherent)}"
+    names = [s for s in shifts if s not in NOT_OBJECTIVE_SHIFTS] if objective_shifts is None else list(objective_shifts)
+    values = [shifts[s][key] for s in names if s in shifts and shifts[s].get(key) is not None]
+    if not values:
+        return floor, f"no {key} on eval.objective_shifts={names} (shifts of this run: {', '.join(shifts)})"
+    value = sum(values) / len(values)
+    return (value, None) if math.isfinite(value) else (floor, f"{key} is not finite")
