@@ -329,6 +329,17 @@ def test_checkpoint_of_another_config(tmp_path, other):
     assert_user_error(result, r"ckpt_path=.*last\.ckpt was trained with another configuration")
 
 
+@pytest.mark.parametrize(("other", "named"), [("data.n_train=6", "data.n_train=4 in the checkpoint, 6 here"),
+                                              ("method.lr=1e-3", "method.lr="), ("seed=7", "seed=42 in the checkpoint, 7 here")])
+def test_resume_with_changed_training_settings_is_refused(tmp_path, other, named):
+    """Same trainable shapes, other data/schedule/seed: resuming would silently mix two runs."""
+    first = run_inprocess([*TINY, "trainer.max_steps=1", "eval.n_samples=1"], tmp_path / "first")
+    assert first.code == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    result = run_inprocess([*TINY, CKPT_PLUGIN, "trainer.max_steps=2", other, f"ckpt_path={ckpt}"], tmp_path / "run")
+    assert_user_error(result, r"ckpt_path=.*last\.ckpt was trained with another configuration \(" + re.escape(named))
+
+
 def test_no_logging_into_a_removed_run_dir(tmp_path):
     """After a user error removes the run dir, nothing in the process still logs into it (Hydra's
     train.log handler): a sweep or test session that goes on would fail on every log call."""

@@ -190,10 +190,41 @@ class PreferenceModule(L.LightningModule):
         transform): ``strict_loading`` is off because the frozen base is not saved, so Lightning would
         otherwise raise a size-mismatch traceback or resume silently with fresh parameters."""
         mismatch = trainable_state_mismatch(checkpoint.get("state_dict") or {}, self.named_parameters())
+        stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
+        if mismatch is None and isinstance(stored, Mapping):
+            mismatch = training_config_difference(stored, OmegaConf.to_container(self.cfg, resolve=True))
         if mismatch:
             where = f"ckpt_path={self.cfg.ckpt_path}" if self.cfg.get("ckpt_path") else "the checkpoint"
             raise UserError(f"{where} was trained with another configuration ({mismatch}): resume with the run's own "
                             "overrides (its .hydra/overrides.yaml), or drop ckpt_path to start afresh")
+
+
+# What training depends on: a resumed run must match its checkpoint here. Not compared: evaluation, logging,
+# callbacks and the stopping criteria trainer.max_epochs / max_steps (a run may be resumed to stop sooner or
+# later; the cosine schedule is then laid out over the new total).
+TRAINING_SECTIONS = ("seed", "data", "dataset", "model", "adapter", "method", "loss", "transform", "collection")
+TRAINING_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "precision")
+
+
+def training_config_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """The first setting training depends on that differs between a checkpoint's resolved config and this
+    run's, as ``key=<stored> in the checkpoint, <current> here``; None when they agree."""
+
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, Mapping):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+        return {prefix: node}
+
+    def settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for name in TRAINING_SECTIONS for k, v in flat(cfg.get(name), name).items()}
+        trainer = cfg.get("trainer") or {}
+        return out | {f"trainer.{k}": trainer.get(k) for k in TRAINING_TRAINER_KEYS}
+
+    before, now = settings(stored), settings(current)
+    for key in sorted(set(before) | set(now)):
+        if before.get(key, "<absent>") != now.get(key, "<absent>"):
+            return f"{key}={before.get(key, '<absent>')} in the checkpoint, {now.get(key, '<absent>')} here"
+    return None
 
 
 def trainable_state_mismatch(state: Mapping[str, Tensor], named_parameters: Iterable[tuple[str, Tensor]]) -> str | None:
