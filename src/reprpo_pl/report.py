@@ -18,12 +18,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
-from tabulate import tabulate
 
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.metrics import SHIFT_ORDER
-from reprpo_pl.eval.results import atomic_write_text
+from reprpo_pl.eval.results import atomic_write_text, markdown_table
 
 METRICS = ("acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
 BASE_KEY = {"acc": "acc_base"}  # metrics with a base-model counterpart get a `base` row
@@ -141,10 +140,6 @@ def config_differences(runs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # ---- tables -----------------------------------------------------------------------------------
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub markdown table of preformatted cells: no number parsing, and cells are not padded to the
-    column width (``| base | 0.500 (n=6) |``), so each row reads the same whatever the other rows hold."""
-    return tabulate(list(rows), headers=list(headers), tablefmt="github", disable_numparse=True, stralign=None, numalign=None)
 
 
 class Section:

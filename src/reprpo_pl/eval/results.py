@@ -6,8 +6,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tabulate import tabulate
 
 from reprpo_pl.errors import NonFiniteError
 from reprpo_pl.eval.metrics import SHIFT_ORDER
@@ -44,23 +47,29 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub markdown table of preformatted cells (tabulate): no number parsing, and cells are not padded to
+    the column width (``| base | 0.500 (n=6) |``), so each row reads the same whatever the other rows hold."""
+    return tabulate(list(rows), headers=list(headers), tablefmt="github", disable_numparse=True, stralign=None, numalign=None)
+
+
+TARGET_TABLE = ("acc_base", "acc", "acc_gain_vs_ref", "log_ppl_chosen_delta", "perplexity_reduction_vs_ref",
+                "preference_logp_gain_vs_ref")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
-    """SPEC §5's two tables: accuracy per shift type, then per target; base first, n per cell."""
+    """SPEC §5's two tables: accuracy per shift type, then per target (with the coherence figure
+    ``log_ppl_chosen_delta`` beside the accuracies); base first, n per cell."""
     label = results["label"]
     shifts = [s for s in SHIFT_ORDER if s in results["shifts"]]
+    by_shift = [[name, *(f"{_fmt(results['shifts'][s][key])} (n={results['shifts'][s]['n']})" for s in shifts)]
+                for name, key in (("base", "acc_base"), (label, "acc"))]
+    by_target = [[t["target"], t["shift"], str(t["n"]), *(_fmt(t.get(k)) for k in TARGET_TABLE)] for t in results["targets"]]
     lines = [f"# {label} on {results['model']}, trained on {results['dataset']} (seed {results['seed']}, "
              f"n_train {results['n_train']}, step {results.get('global_step', '?')})", "",
-             "## Preference accuracy per shift type", "",
-             "| adapter | " + " | ".join(shifts) + " |", "|---" * (len(shifts) + 1) + "|"]
-    for name, key in (("base", "acc_base"), (label, "acc")):
-        cells = [f"{_fmt(results['shifts'][s][key])} (n={results['shifts'][s]['n']})" for s in shifts]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Per target ({results['dataset']})", "",
-              "| target | shift | n | acc_base | acc | acc_gain_vs_ref | perplexity_reduction_vs_ref | preference_logp_gain_vs_ref |",
-              "|---|---|---|---|---|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['shift']} | {t['n']} | {_fmt(t['acc_base'])} | {_fmt(t['acc'])} | "
-                     f"{_fmt(t['acc_gain_vs_ref'])} | {_fmt(t['perplexity_reduction_vs_ref'])} | {_fmt(t['preference_logp_gain_vs_ref'])} |")
+             "## Preference accuracy per shift type", "", markdown_table(["adapter", *shifts], by_shift),
+             "", f"## Per target ({results['dataset']})", "",
+             markdown_table(["target", "shift", "n", *TARGET_TABLE], by_target)]
     return "\n".join(lines) + "\n"
 
 
