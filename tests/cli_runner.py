@@ -75,3 +75,19 @@ def run_subprocess(overrides: list[str], run_dir: Path, cwd: Path | None = None,
         cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    """A resumed run's results.json against the uninterrupted run's: step and epoch equal, accuracies and
+    counts exact, other per-target metrics and the objective within 5e-4 (float reduction order)."""
+    import pytest
+
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
+    for ta, tb in zip(a["targets"], b["targets"], strict=True):
+        assert ta["target"] == tb["target"] and ta["n"] == tb["n"]
+        for key, value in ta.items():
+            if key.startswith("acc"):
+                assert tb[key] == value, (ta["target"], key)
+            elif isinstance(value, float):
+                assert tb[key] == pytest.approx(value, abs=5e-4), (ta["target"], key)
+    assert b["objective"] == pytest.approx(a["objective"], abs=5e-4)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import REPO, TINY, run_inprocess
+from cli_runner import REPO, TINY, assert_same_results, run_inprocess
 
 import reprpo_pl.eval.callback as callback_module
 from reprpo_pl.checkpoint_io import ResumableCheckpoint
@@ -42,19 +42,6 @@ def _step(ckpt: Path) -> int:
 
 class Stop(Exception):
     pass
-
-
-def _assert_same_results(a: dict, b: dict) -> None:
-    """As tests/test_resume.py's SIGKILL test: accuracies and counts exact, other metrics within 5e-4."""
-    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
-    for ta, tb in zip(a["targets"], b["targets"], strict=True):
-        assert ta["target"] == tb["target"] and ta["n"] == tb["n"]
-        for key, value in ta.items():
-            if key.startswith("acc"):
-                assert tb[key] == value, (ta["target"], key)
-            elif isinstance(value, float):
-                assert tb[key] == pytest.approx(value, abs=5e-4), (ta["target"], key)
-    assert b["objective"] == pytest.approx(a["objective"], abs=5e-4)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +68,7 @@ def test_stopped_after_epoch_0_resumes_to_the_uninterrupted_results(finished, tm
 
     resumed = run_inprocess([*TWO_EPOCHS, f"ckpt_path={last}"], run_dir)
     assert resumed.code == 0, resumed.stderr[-3000:]
-    _assert_same_results(json.loads((finished / "results.json").read_text()), json.loads((run_dir / "results.json").read_text()))
+    assert_same_results(json.loads((finished / "results.json").read_text()), json.loads((run_dir / "results.json").read_text()))
     assert _step(last) == 4
 
 

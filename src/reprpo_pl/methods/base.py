@@ -122,16 +122,16 @@ class PreferenceModule(L.LightningModule):
             return (*self.pair_logps(inputs), None)
         per_token, log_sum_sq = completion_logps_and_log_sum_sq(self.model, inputs)
         mask = inputs["completion_mask"]
-        cho, rej = aggregate(per_token, mask, self.method_cfg.agg).chunk(2)
-        nll_cho = -aggregate(per_token, mask, "mean").chunk(2)[0]
         lw_cho, lw_rej = wpo_log_weight(per_token, log_sum_sq, mask).chunk(2)
-        return cho, rej, nll_cho, wpo_weights(lw_cho, lw_rej, self.method_cfg.wpo)
+        return (*self._aggregate_pairs(per_token, mask), wpo_weights(lw_cho, lw_rej, self.method_cfg.wpo))
 
     def pair_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """For `pair_inputs` (packed or `concat_pairs`): aggregated log-probs of chosen and rejected (``[B]`` each, by
         ``method.agg``) and the per-token-mean NLL of chosen ``[B]`` (a coherence signal)."""
-        per_token = completion_logps(self.model, inputs)
-        mask = inputs["completion_mask"]
+        return self._aggregate_pairs(completion_logps(self.model, inputs), inputs["completion_mask"])
+
+    def _aggregate_pairs(self, per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token log-probs ``[2B, C]`` → chosen and rejected by ``method.agg`` and the chosen NLL, ``[B]`` each."""
         cho, rej = aggregate(per_token, mask, self.method_cfg.agg).chunk(2)
         nll_cho = -aggregate(per_token, mask, "mean").chunk(2)[0]
         return cho, rej, nll_cho
