@@ -78,9 +78,9 @@ def _raised_in_hydra(tb: TracebackType | None) -> bool:
 
 def _remove_if_empty(run_dir: Path) -> None:
     """Remove ``run_dir`` when it holds nothing but Hydra's bookkeeping and empty folders (a logger's)."""
-    bookkeeping = {".hydra", "train.log", "eval.log"}
-    if run_dir.is_dir() and all(p.name in bookkeeping or (p.is_dir() and not any(f.is_file() for f in p.rglob("*")))
-                                for p in run_dir.iterdir()):
+    from reprpo_pl.run_dirs import holds_only_bookkeeping
+
+    if run_dir.is_dir() and holds_only_bookkeeping(run_dir):
         _detach_file_handlers(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
 

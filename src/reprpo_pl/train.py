@@ -26,6 +26,7 @@ from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import Preempted, UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.progress import quiet_third_party
+from reprpo_pl.run_dirs import plan_run
 from reprpo_pl.validation import validate_train_config
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,20 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    return run_cli(lambda: optimized_value(train(cfg, run_dir), cfg.optimized_metric), run_dir=run_dir, multirun=multirun)
+    return run_cli(lambda: run_job(cfg, run_dir, multirun), run_dir=run_dir, multirun=multirun)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
+    """Train in ``run_dir`` as `plan_run` says (a single run was already checked before Hydra wrote
+    there, by `RunDirGuard`): skip a finished run of the same settings, resume a killed one, refuse another's."""
+    plan = plan_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.skip_finished), sweep=multirun)
+    if plan.action == "skip":
+        log.info(f"skipped: finished ({run_dir / 'results.json'})")
+        return optimized_value(plan.results or {}, cfg.optimized_metric)
+    if plan.action == "resume" and plan.ckpt_path != cfg.ckpt_path:
+        log.info(f"resuming from {plan.ckpt_path} (skip_finished=true)")
+        cfg.ckpt_path = plan.ckpt_path
+    return optimized_value(train(cfg, run_dir), cfg.optimized_metric)
 
 
 def optimized_value(results: dict[str, Any], key: str) -> float:
