@@ -11,9 +11,12 @@ Wire it with ``plugins: [{_target_: reprpo_pl.checkpoint_io.AtomicCheckpointIO}]
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,8 +26,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import EXIT_INTERRUPTED, Preempted, UserError
 
+log = logging.getLogger(__name__)
 
 def _is_local(path: Any) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
@@ -107,10 +111,47 @@ class ResumableCheckpoint(ModelCheckpoint):
     that step; ``every_n_train_steps`` and ``every_n_epochs`` cannot be combined; ``on_train_end``
     saves only if nothing was ever saved (so a run of 73 steps with ``every_n_train_steps=50`` would
     end with a step-50 ``last.ckpt``); and on SIGTERM Lightning raises `SIGTERMException` without a
-    checkpoint unless ``save_on_exception`` (which also writes a second, named file)."""
+    checkpoint unless ``save_on_exception`` (which also writes a second, named file).
+
+    Ctrl-C (SIGINT) during training is handled like SIGTERM: the step in progress finishes, ``last.ckpt``
+    is written and the run stops with the command to resume (Lightning's own Ctrl-C handling stops
+    wherever the interrupt lands, possibly half-way through an optimizer step, and exits 1). One after
+    the training loop is done (during the final evaluation) stops at once, with ``last.ckpt`` of the
+    final step, whose resume only evaluates; a second Ctrl-C interrupts at once (Lightning's handling)."""
 
     def __init__(self, *args: Any, save_last: bool = True, save_top_k: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, save_top_k=save_top_k, **kwargs)
+        self.stopped_by: str | None = None  # "SIGINT" or "SIGTERM" once a signal asked training to stop
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.stopped_by = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous_sigint = signal.signal(signal.SIGINT, self._make_sigint_handler(trainer))
+
+    def _make_sigint_handler(self, trainer: Any) -> Callable[[int, Any], None]:
+        def handler(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+            if trainer.fit_loop.done:  # no step left to finish: the final evaluation is running; stop it now
+                self.stopped_by = "SIGINT"
+                last = Path(str(self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+                raise Preempted(f"interrupted (Ctrl-C) during the final evaluation at step {trainer.global_step}; "
+                                f"resume with ckpt_path={last} (it evaluates that step)", EXIT_INTERRUPTED)
+            log.warning("Ctrl-C: stopping after the step in progress and writing last.ckpt (Ctrl-C again to abort now)")
+            self.stopped_by = "SIGINT"
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM path: stop at the step boundary (all ranks)
+
+        return handler
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore_sigint()
+        super().teardown(trainer, pl_module, stage)
 
     def save_last_now(self, trainer: Any) -> None:
         """Write ``last.ckpt`` for the current step unless it already holds it (or no step was taken)."""
@@ -127,5 +168,6 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException):  # preempted: the state is that of a finished step
+        if isinstance(exception, (SIGTERMException, Preempted)):  # between steps: the state is that of a finished step
+            self.stopped_by = self.stopped_by or "SIGTERM"
             self.save_last_now(trainer)

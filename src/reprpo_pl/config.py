@@ -13,7 +13,15 @@ from typing import Callable, TypeVar
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
-from reprpo_pl.errors import NonFiniteError, Preempted, UserError
+from reprpo_pl.errors import (  # noqa: F401 (the exit codes: re-exported for the entry points and tests)
+    EXIT_INTERRUPTED,
+    EXIT_NON_FINITE,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    NonFiniteError,
+    Preempted,
+    UserError,
+)
 from reprpo_pl.models.precision import default_precision
 
 CONF_MODULE = "reprpo_pl.conf"  # the repository's conf/, installed as a package (see pyproject.toml)
@@ -22,9 +30,6 @@ CONF_DIR = str(importlib.resources.files(CONF_MODULE))  # the same folder on dis
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-EXIT_USER_ERROR = 2  # bad config, data or paths: fix the input and rerun
-EXIT_NON_FINITE = 3  # training diverged (NaN/inf loss, gradient or hidden state)
-EXIT_PREEMPTED = 143  # SIGTERM (128 + 15, as a shell reports a process killed by it): resume from last.ckpt
 
 if not OmegaConf.has_resolver("precision"):
     OmegaConf.register_new_resolver("precision", default_precision)
@@ -49,7 +54,7 @@ def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = F
             raise type(user_error)(str(user_error)) from None
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE if isinstance(user_error, NonFiniteError)
-                 else EXIT_PREEMPTED if isinstance(user_error, Preempted) else EXIT_USER_ERROR)
+                 else user_error.exit_code if isinstance(user_error, Preempted) else EXIT_USER_ERROR)
 
 
 def user_facing_error(e: BaseException) -> Exception | None:

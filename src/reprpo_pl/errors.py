@@ -1,5 +1,10 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
 
+EXIT_USER_ERROR = 2  # bad config, data or paths: fix the input and rerun
+EXIT_NON_FINITE = 3  # training diverged (NaN/inf loss, gradient or hidden state)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT's 2, as a shell reports a process killed by it): resume from last.ckpt
+EXIT_PREEMPTED = 143  # SIGTERM (128 + 15): resume from last.ckpt
+
 
 class UserError(ValueError):
     """Bad input from the user (config, data, paths). The message names the value and the fix."""
@@ -10,4 +15,9 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """Training was stopped by SIGTERM (a scheduler's preemption); ``last.ckpt`` holds the last finished step."""
+    """Training was stopped by SIGTERM (a scheduler's preemption) or Ctrl-C; ``last.ckpt`` holds the last
+    finished step. ``exit_code``: 128 + the signal's number, as a shell reports a process killed by it."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_PREEMPTED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

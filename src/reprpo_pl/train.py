@@ -21,9 +21,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from reprpo_pl.checkpoint_io import ResumableCheckpoint
 from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
-from reprpo_pl.errors import Preempted, UserError
+from reprpo_pl.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.progress import quiet_third_party
 from reprpo_pl.run_dirs import plan_run
@@ -88,16 +89,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
+        if trainer.is_global_zero and evaluator.results is None:  # fit returned without training (its loop was done)
+            finish_trained_run(cfg, trainer, module)
         failed = False
     except SIGTERMException:  # Lightning stops fit after the step in progress and exits 0 by default
-        raise Preempted(f"preempted (SIGTERM) at step {trainer.global_step}; resume with "
-                        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}") from None
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, ResumableCheckpoint)), None)
+        stopped_by = (checkpoint.stopped_by if checkpoint is not None else None) or "SIGTERM"
+        what = "interrupted (Ctrl-C)" if stopped_by == "SIGINT" else "preempted (SIGTERM)"
+        raise Preempted(f"{what} at step {trainer.global_step}; resume with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                        EXIT_INTERRUPTED if stopped_by == "SIGINT" else EXIT_PREEMPTED) from None
     finally:
         finish_wandb(failed)
-    evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
-    if trainer.is_global_zero and evaluator.results is None:  # fit returned without training (its loop was done)
-        raise UserError(nothing_to_do(cfg, trainer.global_step))
     return evaluator.results or {}
+
+
+def finish_trained_run(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule) -> None:
+    """``ckpt_path`` holds the final step (fit had nothing left to train): if that run's results were
+    never written (killed during its final evaluation), run the end-of-training hooks now — final
+    evaluation, adapter export, results.json — else there is nothing to do."""
+    ckpt = Path(str(cfg.ckpt_path)) if cfg.ckpt_path else None
+    if ckpt is None or (ckpt.parent.parent / "results.json").is_file():
+        raise UserError(nothing_to_do(cfg, trainer.global_step))
+    log.info("%s is the final step of a run whose results were never written: evaluating it", ckpt)
+    for hook in ("on_train_end", "on_fit_end"):  # in Lightning's callback order (ModelCheckpoint last)
+        for callback in trainer.callbacks:
+            getattr(callback, hook)(trainer, module)
 
 
 def nothing_to_do(cfg: DictConfig, step: int) -> str:

@@ -90,9 +90,22 @@ class ShiftEvalCallback(L.Callback):
         self.results: dict[str, Any] | None = None
         self.started: float | None = None  # perf_counter at train start
         self.eval_s = 0.0  # seconds spent scoring targets
+        self.earlier = {"train_s": 0.0, "eval_s": 0.0}  # seconds of a resumed run's earlier processes (checkpointed)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.started, self.eval_s = time.perf_counter(), 0.0
+
+    def timing(self) -> dict[str, float]:
+        """Wall seconds of training and of scoring so far, over every process of a resumed run (work
+        redone after a kill counts; the time between a kill and the resume does not)."""
+        fit_s = time.perf_counter() - self.started if self.started is not None else self.eval_s  # fit skipped: eval only
+        return {"train_s": self.earlier["train_s"] + fit_s - self.eval_s, "eval_s": self.earlier["eval_s"] + self.eval_s}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.timing()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.earlier = {k: float(state_dict.get(k, 0.0)) for k in self.earlier}
 
     def _evaluate(self, trainer: L.Trainer, pl_module: Any) -> list[dict[str, Any]]:
         if self.last is not None and self.last[0] == trainer.global_step:
@@ -122,8 +135,7 @@ class ShiftEvalCallback(L.Callback):
         if bad:
             raise NonFiniteError(f"diverged at step {step}: non-finite parameter {bad[0]} after the last optimizer step; lower method.lr")
         targets = self._evaluate(trainer, pl_module)
-        fit_s = time.perf_counter() - self.started if self.started is not None else float("nan")
-        timing = {"train_s": round(fit_s - self.eval_s, 1), "eval_s": round(self.eval_s, 1)}  # wall seconds
+        timing = {k: round(v, 1) for k, v in self.timing().items()}  # wall seconds
         results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
                                 timing=timing)
         if bad := non_finite({"targets": results["targets"], "shifts": results["shifts"]}):
