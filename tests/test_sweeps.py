@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import TINY, assert_same_results, run_inprocess
 from conftest import compose_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -52,6 +53,52 @@ def test_grid_writes_one_results_json_per_job(tmp_path):
     assert all((j / "checkpoints" / "last.ckpt").is_file() and (j / "results.md").is_file() for j in jobs)
     md = report([time]).read_text()
     assert "| dpo | " in md and "| innerdpo/ether | " in md and "(n=2)" in md
+
+
+def test_grid_failed_job_is_one_line_and_the_others_run(tmp_path):
+    """A job that fails is one log line when it fails; the grid goes on, then exits with one line per failed job."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "reprpo_pl.train", "-m", "method=dpo", "method.lr=-1,1e-4", *TINY,
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    failed = "job 0 failed (method.lr=-1): UserError: method.lr=-1 must be > 0, e.g. method.lr=5e-5 (a finite number)"
+    log = proc.stdout.splitlines()
+    assert sum(failed in line for line in log) == 1
+    assert next(i for i, line in enumerate(log) if failed in line) < next(i for i, line in enumerate(log) if "#1 :" in line)
+    assert json.loads((sweep / "1" / "results.json").read_text())["config"]["method"]["lr"] == 1e-4
+    assert not (sweep / "0").exists()  # it held only Hydra's bookkeeping
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: job 0 failed (method.lr=-1): method.lr=-1 must be > 0, e.g. method.lr=5e-5 (a finite number)",
+        f"error: 1 of 2 jobs failed; rerun with hydra.sweep.dir={sweep} skip_finished=true to skip the finished jobs "
+        "and run (or resume) the rest"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_grid_rerun_is_refused_whole_or_skips_finished_jobs_and_resumes_the_rest(tmp_path):
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    sweep = tmp_path / "sweep"
+    grid = ["-m", "method=dpo", "method.lr=1e-4,2e-4", *TINY, f"hydra.sweep.dir={sweep}"]
+    first = run_inprocess(grid, sweep)
+    assert first.code == 0, first.stderr[-3000:]
+    results = [json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1")]
+    (sweep / "1" / "results.json").unlink()  # job 1 as if killed after its final checkpoint; last.ckpt stays
+    before = files(sweep)
+    refused = run_inprocess(grid, sweep)  # the same grid again, without skip_finished: nothing is written
+    assert refused.code == 2
+    assert refused.error_lines == [
+        f"error: {sweep}/0 holds results.json of another run; use a new hydra.sweep.dir, or skip_finished=true to "
+        "skip its finished jobs and resume the rest",
+        f"error: {sweep}/1 holds a checkpoint of another run; use a new hydra.sweep.dir, or skip_finished=true to "
+        "skip its finished jobs and resume the rest"]
+    assert files(sweep) == before
+    again = run_inprocess([*grid, "skip_finished=true"], sweep)
+    assert again.code == 0, again.stderr[-3000:]
+    assert "skipped: finished" in (sweep / "0" / "train.log").read_text()
+    assert (sweep / "0" / "results.json").read_bytes() == before["0/results.json"]
+    assert f"resuming from {sweep}/1/checkpoints/last.ckpt (skip_finished=true)" in (sweep / "1" / "train.log").read_text()
+    assert_same_results(results[1], json.loads((sweep / "1" / "results.json").read_text()))
 
 
 def test_cpu_comparison_experiment():
@@ -121,11 +168,14 @@ def test_optuna_sweep_writes_study_and_resumes(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["name"] == "optuna" and set(best["best_params"]) == {"method.lr", "method.beta"}
     assert (sweep / "optuna.db").is_file()
-    train_cli(*command, cwd=tmp_path)  # the same command again resumes the study
-    study = optuna.load_study(study_name="dpo_tiny_random_math", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    trials = study.trials
-    assert [t.number for t in trials] == [0, 1, 2, 3]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    optuna.load_study(study_name="dpo_tiny_random_math", storage=storage).ask()  # as if its sweep were killed
+    resumed = train_cli(*command, cwd=tmp_path)  # the same command again resumes the study
+    assert "marked 1 trial(s) of study dpo_tiny_random_math failed that a killed sweep left RUNNING: 2" in resumed.stdout
+    study = optuna.load_study(study_name="dpo_tiny_random_math", storage=storage)
+    assert [(t.number, t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"),
+                                                                (3, "COMPLETE"), (4, "COMPLETE")]
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len({t.params["method.lr"] for t in trials}) == 4  # the resumed run drew new trials
     # a folder per invocation, each with its jobs; the trial values are the runs' objectives
     invocations = sorted(p for p in sweep.iterdir() if p.is_dir())

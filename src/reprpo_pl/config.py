@@ -51,7 +51,10 @@ def run_cli(fn: Callable[[], T], run_dir: Path | None = None, multirun: bool = F
         if run_dir is not None:
             _remove_if_empty(run_dir)
         if multirun:  # a fresh exception: no deep traceback in the sweeper's log
-            raise type(user_error)(str(user_error)) from None
+            short = type(user_error)(str(user_error))
+            if isinstance(user_error, Preempted):
+                short.exit_code = user_error.exit_code  # Ctrl-C's 130, not the default 143
+            raise short from None
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE if isinstance(user_error, NonFiniteError)
                  else user_error.exit_code if isinstance(user_error, Preempted) else EXIT_USER_ERROR)

@@ -143,8 +143,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
-    """Train in ``run_dir`` as `plan_run` says (a single run was already checked before Hydra wrote
-    there, by `RunDirGuard`): skip a finished run of the same settings, resume a killed one, refuse another's."""
+    """Train in ``run_dir`` as `plan_run` says (a single run and a grid's jobs were already checked
+    before Hydra wrote there, by `RunDirGuard`): skip a finished run of the same settings, resume a
+    killed one, refuse another's."""
     plan = plan_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.skip_finished), sweep=multirun)
     if plan.action == "skip":
         log.info(f"skipped: finished ({run_dir / 'results.json'})")
