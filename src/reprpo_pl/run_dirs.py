@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ class Plan:
 
 def plan_run(run_dir: Path, cfg: dict[str, Any], skip_finished: bool, sweep: bool = False) -> Plan:
     """The `Plan` for starting the resolved task config ``cfg`` in ``run_dir``; `UserError` when the
-    directory holds another run. Reads only: it never writes into ``run_dir``."""
+    directory holds another run. Reads only: it never writes into ``run_dir``. A DDP worker (``LOCAL_RANK`` > 0)
+    comes to rank 0's plan: it sees the same results.json and checkpoint, and rank 0's new logs are not refused."""
     from reprpo_pl.methods.base import training_config_difference
 
     run_dir = Path(run_dir)
@@ -72,7 +74,10 @@ def plan_run(run_dir: Path, cfg: dict[str, Any], skip_finished: bool, sweep: boo
                 raise UserError(f"{run_dir} holds another run's checkpoint ({difference}); use a new {new_dir}")
             return Plan("resume", str(last))
         return Plan("fresh")  # killed before its first checkpoint: nothing of it to keep
-    held = "results.json" if results_path.is_file() else "a checkpoint" if last.is_file() else "another run's files"
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        # a DDP worker that Lightning relaunched into rank 0's run dir: rank 0 checked it, then wrote its logs
+        return Plan("fresh", ckpt)
+    held = "results.json" if results_path.is_file() else "a checkpoint" if last.is_file() else "files"
     resume = f", or ckpt_path={last} to resume that run" if last.is_file() and not sweep else ""
     grid = ", or skip_finished=true to skip its finished jobs and resume the rest" if sweep else ""
     raise UserError(f"{run_dir} holds {held} of another run; use a new {new_dir}{resume}{grid}")
@@ -223,7 +228,7 @@ class EvalDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         out_dir = Path(str(config.hydra.run.dir))  # = out_dir, ${now:} cached
         if out_dir.is_dir() and not holds_only_bookkeeping(out_dir):
-            held = "results.json" if (out_dir / "results.json").is_file() else "another run's files"
+            held = "results.json" if (out_dir / "results.json").is_file() else "files"
             print(f"error: out_dir={out_dir} holds {held} of another run; use a new out_dir (the default, "
                   "<run dir>/eval/<date>_<time>, is new for each evaluation)", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)

@@ -1,5 +1,5 @@
 """Evaluate a saved adapter on a shift table: rebuild the module from the config stored in its
-checkpoint, load the trainable state, score base vs adapter, write results.json + results.md.
+checkpoint, load the saved state (all but the frozen base), score base vs adapter, write results.json + results.md.
 
     python -m reprpo_pl.eval ckpt_path=<run dir | .ckpt | <run dir>/adapter> [dataset=<source>] [targets=[a,b]] [eval.n_samples=N]
 
@@ -33,7 +33,7 @@ from reprpo_pl.eval.adapter_export import (
 )
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_results
-from reprpo_pl.methods.base import trainable_state_mismatch
+from reprpo_pl.methods.base import saved_state_mismatch
 from reprpo_pl.models.precision import precision_context
 from reprpo_pl.progress import quiet_third_party
 from reprpo_pl.validation import validate_eval_request
@@ -196,9 +196,9 @@ def build_module_from_adapter(cfg: DictConfig, folder: Path) -> Any:
 
 
 def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path) -> Any:
-    """Instantiate ``cfg.method._target_`` and load the checkpoint's trainable state into it."""
+    """Instantiate ``cfg.method._target_`` and load the checkpoint's saved state (all but the frozen base) into it."""
     module = _instantiate(cfg, ckpt)
-    mismatch = trainable_state_mismatch(state, module.named_parameters())
+    mismatch = saved_state_mismatch(state, module)
     if mismatch:
         raise UserError(f"ckpt_path={ckpt} does not fit the {_label(cfg)} module it describes: {mismatch}")
     module.load_state_dict(dict(state), strict=False)  # strict=False: the frozen base is not in the checkpoint

@@ -1,11 +1,11 @@
 """What every preference method shares: the model with its LoRA adapter, the reference pass,
-the optimiser and schedule, trainable-only checkpoints, and the non-finite guard."""
+the optimiser and schedule, checkpoints without the frozen base, and the non-finite guard."""
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -67,7 +67,7 @@ class PreferenceModule(L.LightningModule):
         base, self.tokenizer = load_base_model(cfg.model)
         self.model = add_lora(base, cfg.adapter)
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
-        self.strict_loading = False  # checkpoints hold only the trainable state
+        self.strict_loading = False  # checkpoints hold no frozen base weights (`saved_state_names`)
         enabled = bool(cfg.ref_cache.enabled)
         self.ref_cache: RefCache | None = RefCache() if enabled and reference_cache else None
 
@@ -180,16 +180,17 @@ class PreferenceModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- checkpoints: trainable state only ------------------------------------------------
+    # ---- checkpoints: everything but the frozen base ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        saved = saved_state_names(self)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in saved}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose trainable state is not this module's (another adapter rank, method or
-        transform): ``strict_loading`` is off because the frozen base is not saved, so Lightning would
-        otherwise raise a size-mismatch traceback or resume silently with fresh parameters."""
-        mismatch = trainable_state_mismatch(checkpoint.get("state_dict") or {}, self.named_parameters())
+        """Refuse a checkpoint whose saved state is not this module's (another adapter rank, method or
+        transform, or one saved without the transform's buffers): ``strict_loading`` is off because the
+        frozen base is not saved, so Lightning would otherwise raise a size-mismatch traceback or resume
+        silently with fresh parameters."""
+        mismatch = saved_state_mismatch(checkpoint.get("state_dict") or {}, self)
         stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
         if mismatch is None and isinstance(stored, Mapping):
             mismatch = training_config_difference(stored, OmegaConf.to_container(self.cfg, resolve=True))
@@ -227,16 +228,27 @@ def training_config_difference(stored: Mapping[str, Any], current: Mapping[str, 
     return None
 
 
-def trainable_state_mismatch(state: Mapping[str, Tensor], named_parameters: Iterable[tuple[str, Tensor]]) -> str | None:
-    """The first difference between a checkpoint's ``state`` and the trainable parameters, or None when they match."""
-    expected = {n: tuple(p.shape) for n, p in named_parameters if p.requires_grad}
+def saved_state_names(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """What a checkpoint of ``module`` holds, state_dict name → shape: the trainable parameters (LoRA, the
+    transform's) and every other parameter and persistent buffer outside the base model ``model.*`` (ortho's
+    parametrisation base, ETHER's frozen W0), so that the module rebuilt from its config and this state
+    computes what the saved one did, without relying on re-initialisation. The frozen base weights are not
+    saved: the model loader rebuilds them."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if k in trainable or not k.startswith("model.")}
+
+
+def saved_state_mismatch(state: Mapping[str, Tensor], module: torch.nn.Module) -> str | None:
+    """The first difference between a checkpoint's ``state`` and what ``module`` saves (`saved_state_names`),
+    or None when they match."""
+    expected = saved_state_names(module)
     for name, shape in expected.items():
         if name not in state:
             return f"it lacks {name}"
         if tuple(state[name].shape) != shape:
             return f"{name} has shape {list(state[name].shape)}, this run's has {list(shape)}"
     extra = sorted(set(state) - set(expected))
-    return f"it holds {extra[0]}, which this run does not train" if extra else None
+    return f"it holds {extra[0]}, which this run does not save" if extra else None
 
 
 METHOD_SECTIONS = ("transform", "loss", "collection")  # config sections that only some methods read

@@ -5,7 +5,9 @@ transform in ``conf/transform/``. A yaml names its class with ``_target_`` and `
 `build_transform` instantiates it with Hydra and completes it in one of two ways:
 
 - a per-key module (``none``, ``ether``, ``hra``, ``ortho``): built once per collected key with
-  ``dim=dims[key]``, so each key has its own parameters; ``forward(h: [B, T, d]) -> [B, T, d]``.
+  ``dim=dims[key]`` (and ``key=key`` when its constructor takes a ``key``: ETHER seeds its init with
+  `key_seed`), so each key has its own parameters; ``forward(h: [B, T, d]) -> [B, T, d]``. HRA and
+  ortho draw their init from torch's global generator (seeded by the run's ``seed``), one key after another.
 - a `ReprTransform` subclass (``svd``, ``supr``): built once from
   ``keys, dims, model, collection_mode``, because it reads frozen model tensors (unembedding,
   final norm) or mixes keys. Frozen model tensors never enter its parameters or its state_dict.
@@ -13,6 +15,8 @@ transform in ``conf/transform/``. A yaml names its class with ``_target_`` and `
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,7 +116,14 @@ def build_transform(
     make = instantiate(config)
     if isinstance(make.func, type) and issubclass(make.func, ReprTransform):
         return make(keys=list(keys), dims=dict(dims), model=model, collection_mode=collection_mode)
-    return PerKeyTransform({key: make(dim=dims[key]) for key in keys})
+    takes_key = "key" in inspect.signature(make.func).parameters
+    return PerKeyTransform({key: make(dim=dims[key], **({"key": key} if takes_key else {})) for key in keys})
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A seed for one key's random init, stable across processes and Python versions (unlike ``hash``):
+    the first 8 bytes of BLAKE2b of ``"<seed>/<key>"``, e.g. ``key_seed(0, "hs.2") != key_seed(0, "hs.3")``."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo_pl.errors import UserError
-from reprpo_pl.reprs.transforms import TransformTraits
+from reprpo_pl.reprs.transforms import TransformTraits, key_seed
 
 HTYPES = ("ether", "etherplus", "oft", "etherplusHH")
 
@@ -75,15 +75,17 @@ class ETHER(nn.Module):
     - ``oft``: ``d²/nb + d·f``
     - ``etherplusHH``: ``2d + 2f + d·f``
 
-    Init (all draws from a generator seeded with ``seed``): ``W0`` (a buffer, saved) has orthonormal
-    rows (QR of a Gaussian); ``W_up = W0ᵀ``, so with identity blocks (etherplus, oft) z is the
+    Init (all draws from a generator seeded with ``key_seed(seed, key)``, so two keys of one width get
+    different W0, reproducibly from ``seed``; the prototype seeded every key alike): ``W0`` (a persistent
+    buffer, saved in checkpoints and the adapter folder) has orthonormal rows (QR of a Gaussian); ``W_up = W0ᵀ``, so with identity blocks (etherplus, oft) z is the
     orthogonal projection ``W0ᵀW0 x`` onto a random f-dim subspace. ``W_up`` must not start at 0:
     the gradient of every block parameter is proportional to ``W_up``.
     """
 
     traits = TransformTraits(commutes_with_mean=True, preserves_norm=False, learnable=True)  # z = W_up H' W0 blockdiag(H) x: linear, not orthogonal
 
-    def __init__(self, dim: int, Htype: str = "ether", nb: int = 2, reduction: int = 60, seed: int = 0) -> None:
+    def __init__(self, dim: int, Htype: str = "ether", nb: int = 2, reduction: int = 60, seed: int = 0,
+                 key: str = "") -> None:
         super().__init__()
         if Htype not in HTYPES:
             raise UserError(f"transform.Htype={Htype!r} is unknown: use one of {', '.join(HTYPES)}")
@@ -97,7 +99,7 @@ class ETHER(nn.Module):
                 f"transform.Htype=etherplusHH needs transform.nb={nb} to divide f = ⌊d/reduction⌋ = ⌊{dim}/{reduction}⌋ "
                 f"= {f}: pick nb dividing {f} or a smaller reduction"
             )
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(key_seed(seed, key))  # key: the collection key (`build_transform`)
         q, _ = torch.linalg.qr(torch.randn(dim, f, generator=generator))  # [d, f], orthonormal columns
         self.register_buffer("W0", q.T.contiguous())  # [f, d]
         block_type = "etherplus" if Htype == "etherplusHH" else Htype
