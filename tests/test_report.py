@@ -170,3 +170,22 @@ def test_unreadable_results_are_a_reported_skip(tmp_path, capsys):
     report([tmp_path])
     out = capsys.readouterr().out
     assert "2 unreadable results.json" in out and "1/results.json" in out and "2/results.json" in out
+
+
+def test_a_reevaluation_is_kept_apart_from_its_training_run(tmp_path):
+    """`python -m reprpo_pl.eval` results (they name their checkpoint) get their own row, and one scored on
+    another source's table its own section, instead of being pooled with the training runs as seeds."""
+    accs = {t: 0.75 for t, _ in TARGETS}
+    write(tmp_path / "0", fake_results("dpo", 1, accs))
+    write(tmp_path / "1", fake_results("dpo", 2, accs))
+    again = fake_results("dpo", 1, {t: 0.25 for t, _ in TARGETS}) | {"checkpoint": str(tmp_path / "0" / "last.ckpt"),
+                                                                       "evaluated_on": "math"}
+    write(tmp_path / "0-eval", again, hydra=False)
+    elsewhere = fake_results("dpo", 1, {t: 0.5 for t, _ in TARGETS}) | {"checkpoint": "x.ckpt", "evaluated_on": "cooking"}
+    write(tmp_path / "0-cooking", elsewhere, hydra=False)
+    report([tmp_path], out=tmp_path / "out", metric="acc")
+    text = (tmp_path / "out" / "report.md").read_text()
+    math_section, cooking_section = text.split("## tiny_random, trained on math")[1:]
+    assert "| dpo " in math_section and "0.750 ± 0.000 (n=2)" in math_section
+    assert "| dpo (re-evaluated) " in math_section and "0.250 (n=1)" in math_section
+    assert cooking_section.startswith(", evaluated on cooking's shift table") and "0.500 (n=1)" in cooking_section

@@ -14,7 +14,7 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -142,14 +142,22 @@ def config_differences(runs: Sequence[dict[str, Any]]) -> list[str]:
 # ---- tables -----------------------------------------------------------------------------------
 
 
-class Section:
-    """The runs of one model trained on one source, grouped by label (insertion order kept)."""
+def group_label(run: Mapping[str, Any]) -> str:
+    """A run's row in the tables: its label, and for a re-evaluation (`python -m reprpo_pl.eval`, whose
+    results.json names its ``checkpoint``) ``<label> (re-evaluated)``, so that it is never pooled with
+    training runs as another seed."""
+    return f"{run['label']} (re-evaluated)" if run.get("checkpoint") else run["label"]
 
-    def __init__(self, model: str, dataset: str, runs: list[dict[str, Any]]):
-        self.model, self.dataset = model, dataset
+
+class Section:
+    """The runs of one model trained on one source and scored on one source's shift table, grouped by
+    `group_label` (insertion order kept)."""
+
+    def __init__(self, model: str, dataset: str, runs: list[dict[str, Any]], evaluated_on: str | None = None):
+        self.model, self.dataset, self.evaluated_on = model, dataset, evaluated_on or dataset
         self.groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for run in runs:
-            self.groups[run["label"]].append(run)
+            self.groups[group_label(run)].append(run)
         self.runs = runs
         self.shifts = [s for s in SHIFT_ORDER if any(s in r["shifts"] for r in runs)]
         targets: dict[str, str] = {}
@@ -161,7 +169,8 @@ class Section:
 
     @property
     def title(self) -> str:
-        return f"{self.model}, trained on {self.dataset}"
+        scored = "" if self.evaluated_on == self.dataset else f", evaluated on {self.evaluated_on}'s shift table"
+        return f"{self.model}, trained on {self.dataset}{scored}"
 
     def shift_stats(self, metric: str, confidence: float) -> dict[str, dict[str, tuple[float, float, int]]]:
         """``{row label: {shift: (mean, half, n)}}``, ``base`` first when the metric has one."""
@@ -190,10 +199,11 @@ class Section:
 
 
 def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
-    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by[(str(run.get("model")), str(run.get("dataset")))].append(run)
-    return [Section(model, dataset, rs) for (model, dataset), rs in by.items()]
+        dataset = str(run.get("dataset"))
+        by[(str(run.get("model")), dataset, str(run.get("evaluated_on") or dataset))].append(run)
+    return [Section(model, dataset, rs, scored) for (model, dataset, scored), rs in by.items()]
 
 
 def shift_table(section: Section, metric: str, confidence: float) -> str:

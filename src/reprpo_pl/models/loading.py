@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -55,27 +56,99 @@ def _gguf_file(uri: str) -> Path:
 
 def convert_gguf(uri: str) -> Path:
     """Dequantise a GGUF file once into a plain HF folder (transformers flags GGUF models as quantised,
-    which blocks training and saving). Returns the cached folder; the write is atomic."""
+    which blocks training and saving). Returns the cached folder ``cache_dir()/models/<file stem>``.
+
+    The write is atomic: the folder is saved under a temporary name and renamed into place, so a
+    conversion killed half-way leaves no folder under the final name; its temporary folder is removed
+    by the next conversion (`remove_stale_conversions`). A cached folder without config.json (not one
+    this function wrote) is converted again and replaced."""
     gguf = _gguf_file(uri)
     target = cache_dir() / "models" / gguf.stem
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_conversions(target)
     log.info("converting %s into %s (once)", gguf, target)
+    plain, tokenizer = _dequantise(gguf)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target) + f"{socket.gethostname()}-{os.getpid()}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists() and not (target / "config.json").is_file():
+            log.warning("replacing %s: it has no config.json (an incomplete cache)", target)
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantise(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF file's model as plain float32 weights, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{gguf.stem}-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    return plain, tokenizer
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.converting-"
+
+
+def remove_stale_conversions(target: Path) -> list[Path]:
+    """Remove the temporary folders that killed conversions into ``target`` left: this host's whose
+    process is gone, another host's once a day old, and those of earlier versions (``.<name>-<random>``,
+    no owner recorded) once an hour old. Returns what was removed."""
+    removed = []
+    for tmp in [*target.parent.glob(_temp_prefix(target) + "*"), *target.parent.glob(f".{target.name}-*")]:
+        host, pid = _temp_owner(tmp, target)
+        age = time.time() - tmp.stat().st_mtime
+        if (host == socket.gethostname() and not _process_alive(pid)) or age > (86400 if host else 3600):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d stale conversion folder(s) of killed runs: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
+def _temp_owner(tmp: Path, target: Path) -> tuple[str, int]:
+    """(host, pid) of the conversion writing ``tmp``, named ``<prefix><host>-<pid>-<random>``; ("", -1) when unnamed."""
+    if not tmp.name.startswith(_temp_prefix(target)):
+        return "", -1
+    host, _, pid = tmp.name.removeprefix(_temp_prefix(target)).rpartition("-")[0].rpartition("-")
+    return (host, int(pid)) if pid.isdigit() else ("", -1)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _load_cached(folder: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase]:
+    """The tokenizer (and, unless ``dtype`` is None, the model) saved in the converted ``folder``; a
+    folder that cannot be read (a truncated or corrupt file) is one line naming the folder to delete."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = None if dtype is None else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except Exception as e:  # safetensors, tokenizers and json each raise their own types for a damaged file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the converted model cache {folder} is corrupt ({type(e).__name__}: {reason}); "
+                        f"delete that folder (rm -r {folder}) and rerun to convert it again") from None
+    return model, tokenizer
 
 
 def _from_hub(name_or_path: str, dtype: torch.dtype, quantization: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -138,12 +211,10 @@ def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedToke
     dtype = DTYPES[dtype_name]
     quantization = _quantization(model_cfg)
     if name == TINY:
-        tokenizer = AutoTokenizer.from_pretrained(convert_gguf(SMOLLM2_GGUF))
+        _, tokenizer = _load_cached(convert_gguf(SMOLLM2_GGUF), dtype=None)
         model = tiny_llama(vocab_size=len(tokenizer), seed=int(model_cfg.get("seed", 0))).to(dtype)
     elif name.startswith(GGUF_PREFIX):
-        folder = convert_gguf(name)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model, tokenizer = _load_cached(convert_gguf(name), dtype)
     else:
         model, tokenizer = _from_hub(name, dtype, quantization)
     if tokenizer.pad_token_id is None:
