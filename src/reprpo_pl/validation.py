@@ -79,6 +79,7 @@ NUMERIC: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("method.lr", positive, "must be > 0, e.g. method.lr=5e-5 (a finite number)", False),
     ("method.weight_decay", non_negative, "must be a finite number >= 0, e.g. method.weight_decay=0.0", False),
     ("method.warmup_ratio", unit_interval, "must be a number in [0, 1], e.g. method.warmup_ratio=0.1", False),
+    ("method.decay_ratio", unit_interval, "must be a number in [0, 1] (or null with method.schedule=cosine), e.g. method.decay_ratio=0.15", True),
     ("method.beta", positive, "must be > 0 and finite (ipo's target margin is 1/(2·beta); sigmoid and hinge scale the margin by it), e.g. method.beta=0.1", False),
     ("method.label_smoothing", smoothing, "must be a number in [0, 0.5), e.g. method.label_smoothing=0.0", False),
     ("method.projection.beta", non_negative, "must be a finite number >= 0, e.g. method.projection.beta=0.8", False),
@@ -123,6 +124,52 @@ def check_combinations(cfg: DictConfig) -> None:
     if _get(cfg, "loss.inner_loss_type") == "ipo" and _get(cfg, "loss.beta") == 0:
         raise UserError("loss.beta=0 with loss.inner_loss_type=ipo divides by zero (ipo's target margin is 1/(2·beta)): "
                         "set loss.beta > 0, e.g. loss.beta=0.4")
+
+
+SCHEDULES = ("cosine", "wsd")  # method.schedule (methods/base.py lr_factor)
+OPTIMIZERS = ("adamw", "paged_adamw_32bit", "adamw_8bit")  # method.optimizer; the last two are bitsandbytes', CUDA only
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """``method.schedule`` and ``method.decay_ratio``: wsd needs the decay's share, cosine has none."""
+    schedule, decay, warmup = _get(cfg, "method.schedule"), _get(cfg, "method.decay_ratio"), _get(cfg, "method.warmup_ratio")
+    if schedule is _MISSING:
+        return
+    if schedule not in SCHEDULES:
+        raise UserError(f"method.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if schedule == "wsd" and decay is None:
+        raise UserError("method.schedule=wsd needs method.decay_ratio (the final decay's share of the steps), "
+                        "e.g. method.decay_ratio=0.15")
+    if schedule == "cosine" and decay not in (None, _MISSING):
+        raise UserError(f"method.decay_ratio={decay!r} applies only to method.schedule=wsd, and cosine would ignore it: "
+                        "drop it or use method.schedule=wsd")
+    if schedule == "wsd" and _num(warmup) and warmup + decay > 1:
+        raise UserError(f"method.warmup_ratio={warmup!r} + method.decay_ratio={decay!r} exceed 1 (wsd's stable phase "
+                        "is the rest): lower one, e.g. method.warmup_ratio=0.15 method.decay_ratio=0.15")
+
+
+def check_optimizer(name: Any, cuda: bool) -> None:
+    """``method.optimizer``: one of `OPTIMIZERS`; the bitsandbytes ones need CUDA (``cuda``) and the package."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"method.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw":
+        return
+    if not cuda:
+        raise UserError(f"method.optimizer={name} is a bitsandbytes optimizer that needs a CUDA GPU, and this run has "
+                        "none: use method.optimizer=adamw (the same update without paging or 8-bit states)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"method.optimizer={name} needs bitsandbytes, which is not installed: pip install bitsandbytes, "
+                        "or use method.optimizer=adamw")
+
+
+def run_has_cuda(cfg: DictConfig) -> bool:
+    """Whether the trainer will put the model on a CUDA device (``trainer.accelerator`` auto, gpu or cuda)."""
+    import torch
+
+    accelerator = _get(cfg, "trainer.accelerator")
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda", _MISSING)
 
 
 def group_options(group: str) -> list[str]:
@@ -175,6 +222,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         check_group_choices(HydraConfig.get().runtime.choices, extra=_hydra_group_options)
     check_numeric(cfg)
     check_combinations(cfg)
+    check_schedule(cfg)
+    if _get(cfg, "method.optimizer") is not _MISSING:
+        check_optimizer(_get(cfg, "method.optimizer"), cuda=run_has_cuda(cfg))
 
 
 EVAL_NUMERIC = [row for row in NUMERIC if row[0] in ("eval.n_samples", "eval.batch_size", "eval.seed")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
@@ -24,6 +25,7 @@ from reprpo_pl.models.logprobs import (
 )
 from reprpo_pl.objectives.dpo import LOSS_TYPES
 from reprpo_pl.objectives.wpo import WPO_MODES, wpo_log_weight, wpo_weights
+from reprpo_pl.validation import SCHEDULES, check_optimizer
 
 
 class PreferenceModule(L.LightningModule):
@@ -164,21 +166,59 @@ class PreferenceModule(L.LightningModule):
                 raise NonFiniteError(f"non-finite gradient of {name} at global step {self.global_step}; lower method.lr")
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """``method.optimizer`` (`make_optimizer`) under ``method.schedule`` (`lr_factor`), stepped every optimiser step."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.method_cfg.lr, weight_decay=self.method_cfg.weight_decay)
+        m = self.method_cfg
+        optimizer = make_optimizer(params, m.optimizer, lr=m.lr, weight_decay=m.weight_decay,
+                                   device_type=self.device.type)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.method_cfg.warmup_ratio * total))
-
-        # transformers' get_cosine_schedule_with_warmup has the same cosine but warms up as step/warmup, so
-        # step 0 runs at lr 0: with LoRA's B = 0 start no lora_A moves in the first two steps, and a 1-step
-        # run trains nothing (measured; tests/test_combinations.py fails with it) [decided: kept (step+1)/warmup]
-        def schedule(step: int) -> float:  # linear warmup then cosine to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        factor = partial(lr_factor, schedule=m.schedule, total=total, warmup_ratio=m.warmup_ratio,
+                         decay_ratio=m.decay_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, *, schedule: str, total: int, warmup_ratio: float, decay_ratio: float | None) -> float:
+    """The learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
+
+    Both schedules warm up linearly over ``warmup = max(1, ⌊warmup_ratio·total⌋)`` steps as (step+1)/warmup.
+    ``cosine``: then a half cosine from 1 to 0 over the remaining steps. ``wsd`` (warmup-stable-decay, the
+    journal's 15/70/15 %): then 1 until the last ``decay = max(1, ⌊decay_ratio·total⌋)`` steps, which fall
+    from 1 to 0 along a half cosine, the shape of transformers' get_wsd_schedule (decay_type="cosine",
+    min_lr_ratio=0) that the prototype called; stable is the rest, so the decay ends at the last step.
+
+    transformers' schedules warm up as step/warmup, so step 0 runs at lr 0: with LoRA's B = 0 start no lora_A
+    moves in the first two steps, and a 1-step run trains nothing (measured; tests/test_combinations.py fails
+    with it) [decided: kept (step+1)/warmup, for wsd as well]."""
+    warmup = max(1, int(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    if schedule == "wsd":
+        if decay_ratio is None:
+            raise UserError("method.schedule=wsd needs method.decay_ratio (the final decay's share of the steps), "
+                            "e.g. method.decay_ratio=0.15")
+        decay_start = max(warmup, total - max(1, int(decay_ratio * total)))
+        if step < decay_start:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - decay_start) / max(1, total - decay_start))))
+    raise UserError(f"method.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,
+                   device_type: str) -> torch.optim.Optimizer:
+    """``adamw`` (torch) or bitsandbytes' ``paged_adamw_32bit`` / ``adamw_8bit``, which need CUDA parameters
+    (refused otherwise, as at the start of a run: `reprpo_pl.validation.check_optimizer`). The prototype's
+    bnb PagedAdam32bit (L2 decay) equals PagedAdamW32bit at its weight_decay 0."""
+    check_optimizer(name, cuda=device_type == "cuda")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
 
     # ---- checkpoints: everything but the frozen base ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
