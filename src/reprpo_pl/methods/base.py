@@ -177,6 +177,25 @@ class PreferenceModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- checkpoints: everything but the frozen base ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = saved_state_names(self)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in saved}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose saved state is not this module's (another adapter rank, method or
+        transform, or one saved without the transform's buffers): ``strict_loading`` is off because the
+        frozen base is not saved, so Lightning would otherwise raise a size-mismatch traceback or resume
+        silently with fresh parameters."""
+        mismatch = saved_state_mismatch(checkpoint.get("state_dict") or {}, self)
+        stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
+        if mismatch is None and isinstance(stored, Mapping):
+            mismatch = training_config_difference(stored, OmegaConf.to_container(self.cfg, resolve=True))
+        if mismatch:
+            where = f"ckpt_path={self.cfg.ckpt_path}" if self.cfg.get("ckpt_path") else "the checkpoint"
+            raise UserError(f"{where} was trained with another configuration ({mismatch}): resume with the run's own "
+                            "overrides (its .hydra/overrides.yaml), or drop ckpt_path to start afresh")
+
 
 def lr_factor(step: int, *, schedule: str, total: int, warmup_ratio: float, decay_ratio: float | None) -> float:
     """The learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
@@ -218,26 +237,6 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, we
 
     cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-    # ---- checkpoints: everything but the frozen base ---------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = saved_state_names(self)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in saved}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose saved state is not this module's (another adapter rank, method or
-        transform, or one saved without the transform's buffers): ``strict_loading`` is off because the
-        frozen base is not saved, so Lightning would otherwise raise a size-mismatch traceback or resume
-        silently with fresh parameters."""
-        mismatch = saved_state_mismatch(checkpoint.get("state_dict") or {}, self)
-        stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
-        if mismatch is None and isinstance(stored, Mapping):
-            mismatch = training_config_difference(stored, OmegaConf.to_container(self.cfg, resolve=True))
-        if mismatch:
-            where = f"ckpt_path={self.cfg.ckpt_path}" if self.cfg.get("ckpt_path") else "the checkpoint"
-            raise UserError(f"{where} was trained with another configuration ({mismatch}): resume with the run's own "
-                            "overrides (its .hydra/overrides.yaml), or drop ckpt_path to start afresh")
 
 
 # What training depends on: a resumed run must match its checkpoint here. Not compared: evaluation, logging,
