@@ -13,9 +13,6 @@ import pytest
 import yaml
 from cli_runner import TINY, assert_same_results, run_inprocess
 from conftest import compose_config
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.types import RunMode
-from omegaconf import OmegaConf
 
 import reprpo_pl.train  # noqa: F401  (registers the ensure_dir / optuna_seed / launch_time resolvers)
 from reprpo_pl.config import CONF_DIR
@@ -118,45 +115,7 @@ def test_cpu_comparison_experiment():
 
 
 # ---- Optuna --------------------------------------------------------------------------------------
-SEARCHED = {
-    "dpo": {"method.lr", "method.beta"},
-    "innerdpo": {"method.lr", "loss.alpha", "loss.beta", "loss.align_method", "transform.Htype"},
-    "projgrad": {"method.lr", "method.projection.beta"},
-}
-
-
-@pytest.mark.parametrize("name", sorted(SEARCHED))
-def test_hparams_search_config(name, tmp_path, monkeypatch):
-    if not (METHOD_CONF / f"{name}.yaml").is_file():
-        pytest.skip(f"conf/method/{name}.yaml is not there yet")
-    monkeypatch.chdir(tmp_path)  # ${ensure_dir:} creates the sweep dir
-    cfg = compose_train(f"hparams_search={name}", "model=tiny_random", hydra=True)
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.optimized_metric == "objective"
-    assert sweeper.direction == "maximize" and sweeper.n_jobs == 1 and 0 < sweeper.max_failure_rate <= 1
-    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 1234
-    assert sweeper.study_name == f"{name}_tiny_random_math"
-    assert cfg.hydra.sweep.dir == f"multirun/optuna/{name}_tiny_random_math"
-    assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db" and Path(cfg.hydra.sweep.dir).is_dir()
-    assert cfg.method.name == name
-    assert set(sweeper.params) == SEARCHED[name]
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
-    for override in parsed:
-        key = override.get_key_element()
-        assert override.is_sweep_override(), key
-        assert OmegaConf.select(cfg, key) is not None, f"{key} is not a key of the {name} config"
-        if override.is_choice_sweep():  # every option is accepted by the code that reads it
-            options = list(override.sweep_string_iterator())
-            if key == "loss.align_method":
-                from reprpo_pl.reprs.losses.innerdpo import ALIGN_METHODS
-
-                assert set(options) <= set(ALIGN_METHODS)
-            if key == "transform.Htype":
-                from reprpo_pl.reprs.transforms.ether import HTYPES
-
-                assert set(options) <= set(HTYPES)
-    assert "method.lr" in sweeper.params and "log" in sweeper.params["method.lr"]
+# every search's config, and the runs with pruning: tests/test_hparams_search.py
 
 
 def test_optuna_sweep_writes_study_and_resumes(tmp_path):

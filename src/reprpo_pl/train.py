@@ -26,6 +26,7 @@ from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
+from reprpo_pl.hparams import TrialPruned
 from reprpo_pl.progress import quiet_third_party
 from reprpo_pl.run_dirs import plan_run
 from reprpo_pl.validation import validate_train_config
@@ -93,6 +94,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if trainer.is_global_zero and evaluator.results is None:  # fit returned without training (its loop was done)
             finish_trained_run(cfg, trainer, module)
         failed = False
+    except TrialPruned:  # an Optuna trial that callbacks.optuna_pruning stopped: not a failure, no results
+        failed = False
+        raise
     except SIGTERMException:  # Lightning stops fit after the step in progress and exits 0 by default
         checkpoint = next((cb for cb in callbacks if isinstance(cb, ResumableCheckpoint)), None)
         stopped_by = (checkpoint.stopped_by if checkpoint is not None else None) or "SIGTERM"
@@ -153,7 +157,11 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
     if plan.action == "resume" and plan.ckpt_path != cfg.ckpt_path:
         log.info(f"resuming from {plan.ckpt_path} (skip_finished=true)")
         cfg.ckpt_path = plan.ckpt_path
-    return optimized_value(train(cfg, run_dir), cfg.optimized_metric)
+    try:
+        return optimized_value(train(cfg, run_dir), cfg.optimized_metric)
+    except TrialPruned as pruned:  # the sweeper records the trial as PRUNED (reprpo_pl.hparams)
+        log.info(str(pruned))
+        return pruned.value
 
 
 def optimized_value(results: dict[str, Any], key: str) -> float:
