@@ -18,6 +18,7 @@ from reprpo_pl.config import CONF_DIR
 from reprpo_pl.validation import validate_train_config
 
 optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PatientPruner's
 
 METHODS = ["dpo", "projgrad", "projbp", "innerdpo", "innerpo", "prefvec", "mse", "rank", "topk"]
 SEARCHES = sorted(p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml") if not p.stem.startswith("_"))
@@ -114,3 +115,87 @@ def test_every_search_runs_two_trials_and_prunes_the_second(tmp_path):
         assert f"pruned: Optuna trial 1 of study {name}_tiny_random_math stopped at step 1 (train/rewards/accuracies" in log
         assert "Failed experiment" not in result.stdout + result.stderr
     assert not failures, "\n".join(failures)
+
+
+class RecordingTrial:
+    number = 0
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[float, int]] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        return False
+
+
+def test_pruning_reports_the_mean_of_each_window_of_steps():
+    """every_n_steps=2 with 2 micro-batches per optimizer step: one report per 2 steps, the mean of its 4 batches."""
+    from types import SimpleNamespace
+
+    from reprpo_pl.hparams import OptunaPruning
+
+    callback = OptunaPruning(storage="sqlite://", study_name="s", pruner=None, monitor="train/acc", every_n_steps=2)
+    callback.trial = RecordingTrial()
+    values = [0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, 0.0]  # as if optimizer steps ended batches 1, 3, 5 and 7
+    for b, value in enumerate(values):
+        trainer = SimpleNamespace(callback_metrics={"train/acc": value}, global_step=(b + 1) // 2)
+        callback.on_train_batch_end(trainer, None, None, None, b)
+    assert callback.trial.reports == [(0.5, 2), (0.75, 4)]  # batches 0-3 (steps 1-2), then 4-7 (steps 3-4)
+
+
+def test_pruning_options_are_checked():
+    from reprpo_pl.errors import UserError
+
+    cfg = compose_config("train", ["model=tiny_random"])
+    OmegaConf.update(cfg, "callbacks.optuna_pruning", {"every_n_steps": 0}, force_add=True)
+    with pytest.raises(UserError, match=r"callbacks.optuna_pruning.every_n_steps=0 must be a positive integer"):
+        validate_train_config(cfg)
+
+
+def test_storage_records_the_sweepers_tell_of_a_pruned_trial_as_pruned(tmp_path):
+    """As the sweeper drives it: ask, the job (another storage instance) reports and marks the trial, the sweeper
+    tells COMPLETE with the job's return value. The sweeper's own study (whose cache TPE reads) sees it PRUNED."""
+    from reprpo_pl.hparams import PRUNED_ATTR, pruned_trial_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=pruned_trial_storage(url), direction="maximize")
+    kept, pruned = study.ask(), study.ask()
+    job = optuna.load_study(study_name="s", storage=url)
+    for trial, value in ((kept, 0.25), (pruned, 0.5)):
+        job_trial = optuna.trial.Trial(job, trial._trial_id)
+        job_trial.report(value, 3)
+        if trial is pruned:
+            job_trial.set_system_attr(PRUNED_ATTR, 3)
+    study.tell(kept, 1.5)
+    study.tell(pruned, 0.5)
+    for trials in (study.trials, optuna.load_study(study_name="s", storage=url).trials):  # the cache, then the database
+        assert [(t.state.name, t.value, t.intermediate_values) for t in trials] == [
+            ("COMPLETE", 1.5, {3: 0.25}), ("PRUNED", 0.5, {3: 0.5})]
+
+
+def test_configured_pruner_stops_a_falling_trial_below_the_median():
+    """PatientPruner(MedianPruner, patience 5) of _optuna.yaml on a maximised study, after 5 trials at 0.5: a trial
+    whose last 6 reports are all below an earlier best, and whose best is below the median, is pruned at its 7th
+    report; one whose best is above the median, one that is still improving, and one flat (no fall), are not."""
+    cfg = compose_config("train", ["hparams_search=dpo", "model=tiny_random"], return_hydra_config=True)
+    study = optuna.create_study(direction="maximize", pruner=instantiate(cfg.callbacks.optuna_pruning.pruner))
+    for _ in range(5):
+        trial = study.ask()
+        for step in range(1, 11):
+            trial.report(0.5, step)
+        study.tell(trial, 0.0)
+
+    def first_pruned_step(values: list[float]) -> int | None:
+        trial = study.ask()
+        for step, value in enumerate(values, start=1):
+            trial.report(value, step)
+            if trial.should_prune():
+                return step
+        return None
+
+    assert first_pruned_step([0.3] + [0.2] * 9) == 7
+    assert first_pruned_step([0.9] + [0.8] * 9) is None
+    assert first_pruned_step([0.2 + 0.02 * s for s in range(10)]) is None
+    assert first_pruned_step([0.2] * 10) is None

@@ -40,13 +40,11 @@ class TrialPruned(Exception):
 class OptunaPruning(L.Callback):
     """Report ``monitor`` (a metric the module logs every training step, e.g. ``train/rewards/accuracies``,
     averaged over the last ``every_n_steps`` optimizer steps) to this job's Optuna trial, and stop the run
-    when ``pruner`` prunes it. Only in a job of an Optuna sweep (conf/hparams_search/)."""
+    when ``pruner`` prunes it. Only in a job of an Optuna sweep (conf/hparams_search/); ``every_n_steps`` is
+    checked with the other numbers (validation.py)."""
 
     def __init__(self, storage: str, study_name: str, pruner: Any, monitor: str = "train/rewards/accuracies",
                  every_n_steps: int = 10) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise UserError(f"callbacks.optuna_pruning.every_n_steps={every_n_steps} must be a positive integer, "
-                            "e.g. callbacks.optuna_pruning.every_n_steps=10")
         self.storage, self.study_name, self.pruner = storage, study_name, pruner
         self.monitor, self.every_n_steps = monitor, every_n_steps
         self.trial: Any = None
@@ -94,21 +92,20 @@ def job_trial(study: Any, overrides: list[str]) -> Any:
 def pruned_trial_storage(url: str) -> Any:
     """Optuna's storage for ``url`` (a cached RDB storage, as ``optuna.create_study(storage=url)`` builds),
     except that the sweeper's tell (COMPLETE or FAIL) of a trial whose job set `PRUNED_ATTR` is recorded
-    as PRUNED, with the intermediate values the job reported. Subclasses optuna's ``_CachedStorage``, whose
-    in-process cache is what the sampler reads (the sweeper pins optuna < 3). ``hydra.sweeper.storage`` in
-    conf/hparams_search/_optuna.yaml; Hydra instantiates it with the sweeper."""
+    as PRUNED, and that a told trial's cached copy gets the intermediate values its job reported. A subclass
+    of optuna's ``_CachedStorage``, whose in-process cache is what the sampler reads (the sweeper pins
+    optuna < 3). ``hydra.sweeper.storage`` in conf/hparams_search/_optuna.yaml; Hydra builds it with the sweeper."""
     from optuna.storages import RDBStorage, _CachedStorage
     from optuna.trial import TrialState
 
     class PrunedTrialStorage(_CachedStorage):
-        def _job_pruned(self, trial_id: int) -> Any:
-            return self._backend.get_trial(trial_id) if PRUNED_ATTR in self._backend.get_trial_system_attrs(trial_id) else None
-
         def set_trial_state(self, trial_id: int, state: TrialState) -> bool:
-            if state.is_finished() and (job := self._job_pruned(trial_id)) is not None:
+            if state.is_finished():
+                job = self._backend.get_trial(trial_id)  # what the job wrote past this process's cache
                 for step, value in job.intermediate_values.items():  # into the cache the sampler reads
                     self.set_trial_intermediate_value(trial_id, step, value)
-                state = TrialState.PRUNED
+                if PRUNED_ATTR in job.system_attrs:
+                    state = TrialState.PRUNED
             return super().set_trial_state(trial_id, state)
 
     return PrunedTrialStorage(RDBStorage(url))

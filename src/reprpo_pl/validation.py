@@ -94,6 +94,7 @@ NUMERIC: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("trainer.max_steps", steps, "must be a positive integer or -1 (no limit), e.g. trainer.max_steps=100", False),
     ("trainer.gradient_clip_val", non_negative, "must be a finite number >= 0 or null, e.g. trainer.gradient_clip_val=10.0", True),
     ("trainer.log_every_n_steps", positive_int, "must be a positive integer, e.g. trainer.log_every_n_steps=1", False),
+    ("callbacks.optuna_pruning.every_n_steps", positive_int, "must be a positive integer, e.g. callbacks.optuna_pruning.every_n_steps=10", False),
 ]
 
 
