@@ -153,7 +153,8 @@ USER_ERRORS: list[tuple[str, Overrides, str]] = [
     ("experiment_close_match", lambda t: ["experiment=projgard"],
      r"experiment=projgard matches no config file of the experiment group: did you mean projgrad\? use one of "),
     ("hparams_search_typo", lambda t: ["hparams_search=inerdpo"],
-     r"hparams_search=inerdpo matches no config file .*did you mean innerdpo\? use one of dpo, innerdpo, projgrad$"),
+     r"hparams_search=inerdpo matches no config file .*did you mean innerdpo\? use one of dpo, innerdpo, innerpo, mse, prefvec, projbp, "
+     r"projgrad, rank, topk$"),
 ]
 
 # Hydra's own errors: (id, overrides, text that must appear in stderr's first line). All exit 1.

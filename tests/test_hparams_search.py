@@ -152,6 +152,10 @@ def test_pruning_options_are_checked():
     OmegaConf.update(cfg, "callbacks.optuna_pruning", {"every_n_steps": 0}, force_add=True)
     with pytest.raises(UserError, match=r"callbacks.optuna_pruning.every_n_steps=0 must be a positive integer"):
         validate_train_config(cfg)
+    from reprpo_pl.validation import check_group_choices
+
+    with pytest.raises(UserError, match=r"hparams_search=_optuna matches no config file .*use one of dpo, innerdpo, "):
+        check_group_choices({"hparams_search": "_optuna"})  # the shared part is not a search
 
 
 def test_storage_records_the_sweepers_tell_of_a_pruned_trial_as_pruned(tmp_path):

@@ -99,6 +99,9 @@ def pruned_trial_storage(url: str) -> Any:
     from optuna.trial import TrialState
 
     class PrunedTrialStorage(_CachedStorage):
+        def __repr__(self) -> str:  # the sweeper logs "Storage: <this>"
+            return f"PrunedTrialStorage({url})"
+
         def set_trial_state(self, trial_id: int, state: TrialState) -> bool:
             if state.is_finished():
                 job = self._backend.get_trial(trial_id)  # what the job wrote past this process's cache

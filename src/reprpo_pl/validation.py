@@ -174,11 +174,12 @@ def run_has_cuda(cfg: DictConfig) -> bool:
 
 
 def group_options(group: str) -> list[str]:
-    """The option names of config group ``group`` shipped in `reprpo_pl.conf` (``<group>/*.yaml``)."""
+    """The option names of config group ``group`` shipped in `reprpo_pl.conf` (``<group>/*.yaml``; a ``_*.yaml``
+    is a part the options share, e.g. hparams_search/_optuna.yaml, not an option)."""
     folder = importlib.resources.files(CONF_MODULE) / group
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def check_group_choices(choices: Mapping[str, Any], groups: tuple[str, ...] = OPTIONAL_GROUPS,
