@@ -140,7 +140,8 @@ def test_pruning_reports_the_mean_of_each_window_of_steps():
     callback.trial = RecordingTrial()
     values = [0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, 0.0]  # as if optimizer steps ended batches 1, 3, 5 and 7
     for b, value in enumerate(values):
-        trainer = SimpleNamespace(callback_metrics={"train/acc": value}, global_step=(b + 1) // 2)
+        trainer = SimpleNamespace(callback_metrics={"train/acc": value}, global_step=(b + 1) // 2, is_global_zero=True,
+                                  strategy=SimpleNamespace(broadcast=lambda obj, src: obj))
         callback.on_train_batch_end(trainer, None, None, None, b)
     assert callback.trial.reports == [(0.5, 2), (0.75, 4)]  # batches 0-3 (steps 1-2), then 4-7 (steps 3-4)
 

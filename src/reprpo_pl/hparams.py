@@ -1,4 +1,5 @@
-"""Optuna pruning for the searches of conf/hparams_search/ (hydra-optuna-sweeper 1.3 has no pruner).
+"""Optuna pruning for the searches of conf/hparams_search/ (hydra-optuna-sweeper 1.3 has no pruner: its
+``create_study`` takes none; facebookresearch/hydra#1710, #1954).
 
 The sweeper asks its study for a trial, launches the trial's job with the trial's parameters as overrides
 and tells the study COMPLETE (the job's return value) or FAIL; nothing in between. Pruning therefore runs
@@ -54,8 +55,9 @@ class OptunaPruning(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         import optuna
 
-        study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
-        self.trial = optuna.trial.Trial(study, job_trial(study, list(HydraConfig.get().overrides.task))._trial_id)
+        if trainer.is_global_zero:  # rank 0 reports and decides; the other ranks follow its decision
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
+            self.trial = optuna.trial.Trial(study, job_trial(study, list(HydraConfig.get().overrides.task))._trial_id)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         value = trainer.callback_metrics.get(self.monitor)
@@ -69,11 +71,16 @@ class OptunaPruning(L.Callback):
         self._reported_step = step
         mean = sum(self._values) / len(self._values)
         self._values.clear()
-        self.trial.report(mean, step)
-        if self.trial.should_prune():
-            self.trial.set_system_attr(PRUNED_ATTR, step)
-            raise TrialPruned(f"pruned: Optuna trial {self.trial.number} of study {self.study_name} stopped at step "
-                              f"{step} ({self.monitor} {mean:.4g}; no final evaluation)", mean)
+        prune = False
+        if trainer.is_global_zero:
+            self.trial.report(mean, step)
+            prune = self.trial.should_prune()
+            if prune:
+                self.trial.set_system_attr(PRUNED_ATTR, step)
+        if trainer.strategy.broadcast(prune, src=0):
+            number = self.trial.number if self.trial is not None else "?"
+            raise TrialPruned(f"pruned: Optuna trial {number} of study {self.study_name} stopped at step {step} "
+                              f"({self.monitor} {mean:.4g}; no final evaluation)", mean)
 
 
 def job_trial(study: Any, overrides: list[str]) -> Any:
