@@ -88,7 +88,7 @@ JOURNAL = {
     "journal-hs-ether-prefvec-v3-orth": ("prefvec", "ether", "v3", [13, 14]),
     "journal-hs-ether-prefvec-v3-angle": ("prefvec", "ether", "v3", [13, 14]),
 }
-OTHER_EXPERIMENTS = {"cpu_comparison", "journal-shared"}  # a sweep; the journal runs' shared settings
+OTHER_EXPERIMENTS = {"cpu_comparison", "_journal_shared"}  # a sweep; the journal runs' shared settings (not an option)
 
 
 def test_every_experiment_file_is_tested():
@@ -98,9 +98,17 @@ def test_every_experiment_file_is_tested():
     assert names == set(EXPERIMENTS) | set(JOURNAL) | OTHER_EXPERIMENTS
 
 
+def test_journal_shared_part_is_not_an_option(tmp_path):
+    from cli_runner import TINY, run_inprocess
+
+    result = run_inprocess([*TINY, "experiment=_journal_shared"], tmp_path / "run")
+    assert result.code == 2 and len(result.error_lines) == 1, result.stderr[-2000:]
+    assert result.error_lines[0].startswith("error: experiment=_journal_shared matches no config file of the experiment group")
+
+
 @pytest.mark.parametrize("name", JOURNAL)
 def test_journal_composes(name):
-    """The journal's shared settings (journal-shared.yaml) and each run's own; the bitsandbytes optimizer is
+    """The journal's shared settings (_journal_shared.yaml) and each run's own; the bitsandbytes optimizer is
     refused at the start of a run without CUDA, in one line naming the fix."""
     from reprpo_pl.errors import UserError
     from reprpo_pl.validation import validate_train_config
