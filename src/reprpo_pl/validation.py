@@ -85,6 +85,7 @@ NUMERIC: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("method.projection.beta", non_negative, "must be a finite number >= 0, e.g. method.projection.beta=0.8", False),
     ("loss.alpha", non_negative, "must be a finite number >= 0, e.g. loss.alpha=0.1", False),
     ("loss.beta", non_negative, "must be a finite number >= 0, e.g. loss.beta=0.4", False),
+    ("loss.nll_weight", non_negative, "must be a finite number >= 0, e.g. loss.nll_weight=100", False),
     ("loss.beta_out", positive, "must be > 0 and finite, e.g. loss.beta_out=0.1", False),
     ("adapter.r", positive_int, "must be a positive integer, e.g. adapter.r=64", False),
     ("adapter.lora_alpha", positive, "must be > 0 and finite, e.g. adapter.lora_alpha=16", False),
@@ -125,6 +126,14 @@ def check_combinations(cfg: DictConfig) -> None:
     if _get(cfg, "loss.inner_loss_type") == "ipo" and _get(cfg, "loss.beta") == 0:
         raise UserError("loss.beta=0 with loss.inner_loss_type=ipo divides by zero (ipo's target margin is 1/(2·beta)): "
                         "set loss.beta > 0, e.g. loss.beta=0.4")
+    if _get(cfg, "loss.weight_tokens") is True and _get(cfg, "collection.pooling") != "exp_decay":
+        raise UserError(f"loss.weight_tokens=true is the prototype's exponential token weighting, "
+                        f"collection.pooling=exp_decay, but collection.pooling={_get(cfg, 'collection.pooling')}: "
+                        "add collection.pooling=exp_decay (or drop loss.weight_tokens)")
+    if _get(cfg, "loss.name") == "prefvec" and _get(cfg, "loss.use_nll_loss") is True:
+        # PrefVec's NLL term reads per-token log-probs (ReprBatch.pi_token_logp_cho), which methods/reprpo.py does not pass yet
+        raise UserError("loss.use_nll_loss=true: PrefVec's per-token NLL term needs the chosen completion's per-token "
+                        "log-probs, which the ReprPO module does not pass yet; use loss.use_nll_loss=false")
 
 
 SCHEDULES = ("cosine", "wsd")  # method.schedule (methods/base.py lr_factor)

@@ -261,7 +261,7 @@ def test_diagnostics_are_detached_finite_scalars(name: str) -> None:
 def test_losses_do_not_mutate_their_inputs(name: str) -> None:
     batch = make_batch()
     batch = replace(batch, dpo_weights=torch.rand(batch.pi_logp_cho.shape, dtype=batch.pi_logp_cho.dtype))
-    before = {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
+    before = {k: (v.clone() if torch.is_tensor(v) else v if v is None else {kk: vv.clone() for kk, vv in v.items()})
               for k, v in vars(batch).items()}
     LOSSES[name]()(batch)
     for field, value in vars(batch).items():

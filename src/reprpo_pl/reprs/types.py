@@ -29,6 +29,9 @@ class ReprBatch:
     token_dev_cho: Tensor | None = None  # [B] masked mean_t ‖H^π − H^ref‖, mean over keys
     token_dev_rej: Tensor | None = None  # [B]
     dpo_weights: Tensor | None = None  # [B] detached WPO weights of the DPO term (method.wpo), None = off
+    pi_token_logp_cho: Tensor | None = None  # [B, C] per-token (shifted) log-probs of the chosen completion, policy
+    ref_token_logp_cho: Tensor | None = None  # [B, C] same for the reference; both only for a loss's needs_token_logps
+    completion_mask_cho: Tensor | None = None  # [B, C] bool, the chosen completion's tokens among those C columns
 
     @property
     def keys(self) -> list[str]:
