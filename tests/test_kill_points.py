@@ -87,8 +87,10 @@ def test_interrupted_at_a_random_point_resumes_to_the_uninterrupted_results(name
     code, stderr = _interrupt_at(run_dir, getattr(signal, name), step, delay)
     last, results = run_dir / "checkpoints" / "last.ckpt", run_dir / "results.json"
 
-    if results.exists():  # the signal came after the run had written its results
-        assert code == 0 and _step(last) == STEPS and (run_dir / "adapter" / "adapter_model.safetensors").is_file(), point
+    if results.exists():  # the signal came after the run had written its results: the run is complete
+        # during interpreter shutdown the signal may end the process itself (-SIGINT, -SIGKILL)
+        assert code in (0, -getattr(signal, name), EXIT_INTERRUPTED, EXIT_PREEMPTED), (point, code, stderr[-2000:])
+        assert _step(last) == STEPS and (run_dir / "adapter" / "adapter_model.safetensors").is_file(), point
         assert_same_results(uninterrupted, json.loads(results.read_text()))
         return
     if name == "SIGKILL":
