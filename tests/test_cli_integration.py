@@ -38,8 +38,10 @@ FAST = [
     f"seed={SEED}",
 ]
 TARGET_KEYS = {"target": str, "shift": str, "n": int, "acc_base": float, "acc": float, "acc_gain_vs_ref": (float, type(None)),
-               "perplexity_reduction_vs_ref": float, "preference_logp_gain_vs_ref": float}
-SHIFT_KEYS = {"acc_base": float, "acc": float, "acc_gain_vs_ref": (float, type(None))}
+               "acc_delta": float, "perplexity_reduction_vs_ref": float, "preference_logp_gain_vs_ref": float,
+               "log_ppl_chosen_delta": float}
+SHIFT_KEYS = {"acc_base": float, "acc": float, "acc_gain_vs_ref": (float, type(None)), "acc_delta": float,
+              "log_ppl_chosen_delta": float}
 
 
 def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -90,9 +92,9 @@ def test_train_cli_writes_results(method: str, transform: str | None, loss: str 
     assert isinstance(results["seed"], int) and isinstance(results["n_train"], int)
     assert results["timing"]["train_s"] > 0 and results["timing"]["eval_s"] > 0
 
-    # one row per target of conf/dataset/math.yaml, with its shift type
+    # the in-sample row, then one row per target of conf/dataset/math.yaml, with its shift type
     assert isinstance(results["targets"], list)
-    assert [(t["target"], t["shift"]) for t in results["targets"]] == [(t.name, t.shift) for t in DATASET.targets]
+    assert [(t["target"], t["shift"]) for t in results["targets"]] == [("math@train", "train"), *((t.name, t.shift) for t in DATASET.targets)]
     for row in results["targets"]:
         where = f"targets[{row['target']}]"
         check_types(row, TARGET_KEYS, where)
@@ -102,14 +104,14 @@ def test_train_cli_writes_results(method: str, transform: str | None, loss: str 
 
     # one summary per shift type: the mean over its targets
     assert isinstance(results["shifts"], dict)
-    assert set(results["shifts"]) == {t.shift for t in DATASET.targets}
+    assert set(results["shifts"]) == {"train", *(t.shift for t in DATASET.targets)}
     for shift, summary in results["shifts"].items():
         check_types(summary, SHIFT_KEYS, f"shifts[{shift}]")
         rows = [t for t in results["targets"] if t["shift"] == shift]
         for key in ("acc_base", "acc"):
             assert 0.0 <= summary[key] <= 1.0, f"shifts[{shift}].{key} = {summary[key]} is not an accuracy"
         # the mean of the targets' ratios (SPEC §5), not the ratio of the mean accuracies
-        for key in ("acc", "acc_base", "acc_gain_vs_ref", "preference_logp_gain_vs_ref"):
+        for key in ("acc", "acc_base", "acc_gain_vs_ref", "acc_delta", "preference_logp_gain_vs_ref", "log_ppl_chosen_delta"):
             values = [t[key] for t in rows if t[key] is not None]
             expected_mean = sum(values) / len(values) if values else None
             assert summary[key] == pytest.approx(expected_mean), f"shifts[{shift}].{key} is not the mean over its targets"

@@ -73,6 +73,7 @@ def test_eval_cli_reproduces_training_results(run_dir):
     trained = json.loads((run_dir / "results.json").read_text())
     evaluated = json.loads((out / "results.json").read_text())
     assert {k: evaluated[k] for k in COMPARED} == {k: trained[k] for k in COMPARED}  # exact, floats included
+    assert (trained["targets"][0]["target"], trained["targets"][0]["shift"]) == ("math@train", "train")  # in-sample row
     assert evaluated["evaluated_on"] == "math"
     assert evaluated["checkpoint"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
     assert "| us_history_textbook | orthogonal | " in proc.stdout
@@ -95,6 +96,16 @@ def test_eval_on_another_source(run_dir, tmp_path):
     results = evaluate_checkpoint(cfg, tmp_path)
     assert [(t["target"], t["shift"]) for t in results["targets"]] == [("code", "in_domain"), ("us_history_textbook", "orthogonal")]
     assert results["dataset"] == "math" and results["evaluated_on"] == "code"  # trained on math, scored on code's table
+
+
+@pytest.mark.skipif(not Path("/work/shared/data/genies/code").is_dir(), reason="needs the full GENIES data")
+def test_eval_on_another_source_has_no_in_sample_row(run_dir, tmp_path):
+    """code's training pairs are not in-sample for an adapter trained on math: the whole table, without `train`."""
+    cfg = eval_cfg(f"ckpt_path={run_dir}", "dataset=code", "data.root=/work/shared/data/genies", "eval.n_samples=2")
+    results = evaluate_checkpoint(cfg, tmp_path)
+    assert [t["target"] for t in results["targets"]] == [t["name"] for t in OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "conf" / "dataset" / "code.yaml").targets]
+    assert "train" not in results["shifts"]
 
 
 def test_checkpoint_of_another_method_or_model(run_dir, tmp_path):

@@ -62,7 +62,7 @@ def test_installed_wheel_runs_train_eval_report_outside_the_repo(wheel: Path, tm
     run(str(bin_dir / "reprpo-train"), *TINY, "method=dpo", "hydra.searchpath=[file://my_conf]", "dataset=mine",
         "hydra.run.dir=runs/dpo")
     results = json.loads((work / "runs" / "dpo" / "results.json").read_text())
-    assert results["dataset"] == "math" and [t["target"] for t in results["targets"]] == ["math", "change_my_view"]
+    assert results["dataset"] == "math" and [t["target"] for t in results["targets"]] == ["math@train", "math", "change_my_view"]
     assert (work / "runs" / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
     run(sys.executable, "-m", "reprpo_pl.eval", "ckpt_path=runs/dpo", "out_dir=runs/dpo/eval/from_ckpt")
     run(str(bin_dir / "reprpo-eval"), "ckpt_path=runs/dpo/adapter", "out_dir=runs/dpo/eval/from_adapter")

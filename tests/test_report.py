@@ -189,3 +189,25 @@ def test_a_reevaluation_is_kept_apart_from_its_training_run(tmp_path):
     assert "| dpo " in math_section and "0.750 ± 0.000 (n=2)" in math_section
     assert "| dpo (re-evaluated) " in math_section and "0.250 (n=1)" in math_section
     assert cooking_section.startswith(", evaluated on cooking's shift table") and "0.500 (n=1)" in cooking_section
+
+
+def test_report_shows_coherence_beside_accuracy_and_marks_incoherent_cells(tmp_path):
+    """A group whose mean chosen log-perplexity change on a shift exceeds eval.coherence_limit gets its cells marked."""
+    from reprpo_pl.eval.results import INCOHERENT
+
+    for job, (method, delta) in enumerate((("dpo", 3.0), ("dpo", 2.5), ("innerdpo", 0.5))):
+        doc = fake_results(method, job, {t: 0.6 for t, _ in TARGETS})
+        for t in doc["targets"]:
+            t["log_ppl_chosen_delta"] = delta if t["shift"] == "cross_domain" else 0.0
+        for shift, summary in doc["shifts"].items():
+            summary["log_ppl_chosen_delta"] = delta if shift == "cross_domain" else 0.0
+        write(tmp_path / str(job), doc)
+    md = report([tmp_path]).read_text()
+    assert "### log_ppl_chosen_delta per shift type" in md
+    lines = md.splitlines()
+    dpo = [line for line in lines if line.startswith("| dpo | ")]
+    assert dpo[0].split(" | ")[2].endswith(INCOHERENT) and INCOHERENT not in dpo[0].split(" | ")[1]  # acc: cross_domain only
+    assert "| dpo | 0.000 ± 0.000 (n=2) | 2.750 ± " in md  # the coherence table: in_domain, then cross_domain's mean 2.75
+    assert not any(INCOHERENT in line for line in lines if line.startswith("| innerdpo | "))
+    per_target = next(line for line in lines if line.startswith("| change_my_view | cross_domain |"))
+    assert per_target.count(INCOHERENT) == 1  # dpo's cell, not base's or innerdpo's

@@ -2,8 +2,9 @@
 
     python -m reprpo_pl.report multirun/<date>/<time> [more dirs or results.json files…] [--out DIR] [--metric acc]
 
-Writes report.md (per-shift table, objective, per-target table) and report.png (bar chart with CI
-error bars) into --out (default: the first input dir) and prints the per-shift table.
+Writes report.md (per-shift table with the coherence table beside it, objective, per-target table) and
+report.png (bar chart with CI error bars) into --out (default: the first input dir) and prints the per-shift
+tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from scipy import stats
 
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
-from reprpo_pl.eval.metrics import SHIFT_ORDER
-from reprpo_pl.eval.results import atomic_write_text, markdown_table
+from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
+from reprpo_pl.eval.results import INCOHERENT, atomic_write_text, coherence_limit_of, markdown_table
 
-METRICS = ("acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
+COHERENCE = "log_ppl_chosen_delta"  # shown beside every accuracy table; a cell over eval.coherence_limit is marked
+METRICS = ("acc", "acc_delta", "acc_gain_vs_ref", COHERENCE, "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
 BASE_KEY = {"acc": "acc_base"}  # metrics with a base-model counterpart get a `base` row
 IGNORED_CONFIG_KEYS = {"seed", "ckpt_path"}  # differences that are expected within a group
 
@@ -166,6 +168,7 @@ class Section:
                 targets.setdefault(t["target"], t["shift"])
         order = {s: i for i, s in enumerate(SHIFT_ORDER)}
         self.targets = sorted(targets.items(), key=lambda kv: order.get(kv[1], len(order)))
+        self.coherence_limit = min(coherence_limit_of(r) for r in runs)  # the strictest of the runs' eval.coherence_limit
 
     @property
     def title(self) -> str:
@@ -207,8 +210,26 @@ def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
 
 
 def shift_table(section: Section, metric: str, confidence: float) -> str:
-    rows = [[label, *(fmt_cell(*cells[s]) for s in section.shifts)] for label, cells in section.shift_stats(metric, confidence).items()]
+    """``metric`` per shift type, a row per adapter; a cell whose mean `COHERENCE` over the same runs exceeds
+    the section's coherence limit is marked `INCOHERENT`."""
+    coherence = section.shift_stats(COHERENCE, confidence)
+    rows = [[label, *(_marked(fmt_cell(*cells[s]), coherence.get(label, {}).get(s), section.coherence_limit) for s in section.shifts)]
+            for label, cells in section.shift_stats(metric, confidence).items()]
     return markdown_table(["adapter", *section.shifts], rows)
+
+
+def _marked(cell: str, coherence: tuple[float, float, int] | None, limit: float) -> str:
+    """``cell`` followed by `INCOHERENT` when the mean chosen log-perplexity change of its runs exceeds ``limit``."""
+    return f"{cell} {INCOHERENT}" if coherence is not None and coherence[2] and is_incoherent(coherence[0], limit) else cell
+
+
+def shift_tables(section: Section, metric: str, confidence: float) -> list[str]:
+    """Markdown lines: ``metric`` per shift type, and beside it (unless it is the metric) the coherence table."""
+    lines = [f"### {metric} per shift type", "", shift_table(section, metric, confidence), ""]
+    if metric != COHERENCE:
+        lines += [f"### {COHERENCE} per shift type (coherence: chosen log-perplexity change, nats/token; "
+                  f"{INCOHERENT} = beyond ±{section.coherence_limit:g})", "", shift_table(section, COHERENCE, confidence), ""]
+    return lines
 
 
 def render_report(sections: Sequence[Section], metric: str, confidence: float, n_skipped: int) -> str:
@@ -218,13 +239,14 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
              f"{n_runs} runs; cells are mean ± {pct} CI half-width (Student t over seeds), n = runs. "
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section in sections:
-        lines += [f"## {section.title}", "", f"### {metric} per shift type", "", shift_table(section, metric, confidence), ""]
+        lines += [f"## {section.title}", "", *shift_tables(section, metric, confidence)]
         rows = []
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
             times = [fmt_seconds(*mean_ci([(r.get("timing") or {}).get(k) for r in runs], confidence)) for k in ("train_s", "eval_s")]
             rows.append([label, fmt_cell(*mean_ci([r.get("objective") for r in runs], confidence)), *times, seeds])
-        lines += ["### Objective (mean acc_gain_vs_ref over the non-in-domain shifts) and wall time per run", "",
+        lines += ["### Objective (mean acc_gain_vs_ref over eval.objective_shifts: by default all but train, in_domain and "
+                  "orthogonal) and wall time per run", "",
                   markdown_table(["adapter", "objective", "train s", "eval s", "seeds"], rows), ""]
         notes = [(label, config_differences(runs)) for label, runs in section.groups.items()]
         notes = [(label, keys) for label, keys in notes if keys]
@@ -233,9 +255,11 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
             lines += [f"- {label}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}" for label, keys in notes]
             lines.append("")
         target_stats = section.target_stats(metric, confidence)
+        coherence = section.target_stats(COHERENCE, confidence)
         labels = list(next(iter(target_stats.values())).keys()) if target_stats else []
         shift_of = dict(section.targets)
-        rows = [[target, shift_of[target], *(fmt_cell(*cells[lb]) for lb in labels)] for target, cells in target_stats.items()]
+        rows = [[target, shift_of[target], *(_marked(fmt_cell(*cells[lb]), coherence[target].get(lb), section.coherence_limit)
+                                             for lb in labels)] for target, cells in target_stats.items()]
         lines += [f"### {metric} per target", "", markdown_table(["target", "shift", *labels], rows), ""]
     return "\n".join(lines)
 
@@ -293,6 +317,9 @@ def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: 
     print(f"found {len(runs)} runs in {sum(len(s.groups) for s in sections)} groups; {skipped_msg}")
     for section in sections:
         print(f"\n{section.title}: {metric}, mean ± {confidence:.0%} CI (n)\n{shift_table(section, metric, confidence)}")
+        if metric != COHERENCE:
+            print(f"{COHERENCE} (coherence; {INCOHERENT} = beyond ±{section.coherence_limit:g})\n"
+                  f"{shift_table(section, COHERENCE, confidence)}")
     print(f"\nwrote {out_dir / 'report.md'} and {out_dir / 'report.png'}")
     return out_dir / "report.md"
 

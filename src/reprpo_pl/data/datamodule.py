@@ -6,6 +6,7 @@ import os
 from typing import Any, Mapping
 
 import lightning as L
+import numpy as np
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -16,6 +17,21 @@ from reprpo_pl.data.collator import PreferenceCollator
 from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
 from reprpo_pl.errors import UserError
+
+TRAIN_SHIFT = "train"  # the in-sample row: not a shift type of the table (SHIFT_TYPES), added to every run's targets
+
+
+def in_sample_target(source: str) -> Target:
+    """The in-sample row of ``source``'s results: ``<source>@train`` (the ``<name>@<split>`` spelling), shift ``train``."""
+    return Target(name=f"{source}@train", shift=TRAIN_SHIFT)
+
+
+def in_sample_rows(train: Dataset, n: int, seed: int) -> Dataset:
+    """``n`` of the training pairs (all if fewer), picked by ``seed`` and kept in file order."""
+    if n >= len(train):
+        return train
+    rows = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
+    return train.select(sorted(rows.tolist()))
 
 
 def _positive(name: str, value: Any) -> int:
@@ -53,10 +69,14 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         roots = {"genies_root": data.get("root"), "ethics_root": data.get("ethics_root")}
         self.source: str = dataset["source"]
-        self.targets: list[Target] = parse_shift_table(dataset)
+        table = parse_shift_table(dataset)
         self.train_text = load_pairs(self.source, "train", n=n_train, seed=data.get("seed", 0), **roots)
         # evaluation rows are fixed by eval.seed, not the run's seed, so every run scores the same pairs
-        self.eval_text = {t.name: load_pairs(t.name, "test", n=n_eval, seed=eval.get("seed", 0), **roots) for t in self.targets}
+        self.eval_text = {t.name: load_pairs(t.name, "test", n=n_eval, seed=eval.get("seed", 0), **roots) for t in table}
+        # the in-sample row first (the journal's first column): eval.n_samples of the pairs this run trains on
+        train_target = in_sample_target(self.source)
+        self.eval_text = {train_target.name: in_sample_rows(self.train_text, n_eval, eval.get("seed", 0)), **self.eval_text}
+        self.targets: list[Target] = [train_target, *table]
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
         self.train_set: Dataset | None = None
@@ -68,7 +88,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self.train_set = self._tokenize(self.train_text, f"{self.source}/train")
-        self.eval_sets = {name: self._tokenize(text, f"{name}/test") for name, text in self.eval_text.items()}
+        self.eval_sets = {name: self._tokenize(text, name if "@" in name else f"{name}/test") for name, text in self.eval_text.items()}
 
     def _tokenize(self, pairs: Dataset, name: str) -> Dataset:
         pairs = pairs.add_column("index", list(range(len(pairs))))

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import NonFiniteError
-from reprpo_pl.eval.metrics import objective, shift_summary, target_metrics
+from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
 from reprpo_pl.eval.results import non_finite, run_label, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
@@ -55,10 +55,8 @@ def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict
     }
 
 
-TARGET_COLUMNS = ["target", "shift", "n", "acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref",
-                  "preference_logp_gain_vs_ref", "log_ppl_chosen_delta"]
-SHIFT_COLUMNS = ["shift", "n_targets", "n", "acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref",
-                 "preference_logp_gain_vs_ref"]
+TARGET_COLUMNS = ["target", "shift", "n", *SUMMARY_KEYS]
+SHIFT_COLUMNS = ["shift", "n_targets", "n", *SUMMARY_KEYS]
 
 
 def log_results_tables(loggers: list[Any], results: dict[str, Any]) -> None:

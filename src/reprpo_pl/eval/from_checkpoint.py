@@ -22,7 +22,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from reprpo_pl.config import CONF_PATH, run_cli
-from reprpo_pl.data.datamodule import PreferenceDataModule
+from reprpo_pl.data.datamodule import TRAIN_SHIFT, PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.adapter_export import (
     ADAPTER_CONFIG,
@@ -219,10 +219,13 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     check_requested(trained, request, ckpt)
     cfg = eval_config(stored, request)
     dataset, names = select_targets(cfg.dataset, request.get("targets"))
-    # read (and validate) the data before the model loads. The datamodule also reads n_train training
-    # rows, unused here; fewer could all be dropped by tokenisation, which the datamodule rejects.
+    # read (and validate) the data before the model loads. The datamodule also reads the n_train training
+    # rows, whose in-sample row is scored here as in training.
     datamodule = PreferenceDataModule(cfg.data, dataset, cfg.eval)
-    if names is not None:  # drop the in-domain target if it was only added for the parser
+    if names is None and dataset.source != trained.dataset.source:
+        # the in-sample row is the pairs the adapter trained on: another source's training pairs are not in-sample
+        names = [t.name for t in datamodule.targets if t.shift != TRAIN_SHIFT]
+    if names is not None:  # drop the in-domain target if it was only added for the parser (and the in-sample row)
         datamodule.targets = [t for t in datamodule.targets if t.name in names]
         datamodule.eval_text = {n: rows for n, rows in datamodule.eval_text.items() if n in names}
     module = build_module_from_adapter(cfg, ckpt) if checkpoint is None else build_module(cfg, checkpoint["state_dict"], ckpt)

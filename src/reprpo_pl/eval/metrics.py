@@ -7,7 +7,8 @@ from typing import Any
 
 from reprpo_pl.eval.scorer import RowScores
 
-SHIFT_ORDER = ("in_domain", "cross_domain", "difficulty", "moral_transfer", "safety", "orthogonal")
+DEFAULT_COHERENCE_LIMIT = 2.0  # conf/train.yaml's eval.coherence_limit, for results documents without one
+SHIFT_ORDER = ("train", "in_domain", "cross_domain", "difficulty", "moral_transfer", "safety", "orthogonal")
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -15,7 +16,8 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def target_metrics(base: RowScores, adapter: RowScores) -> dict[str, Any]:
-    """Accuracy of base and adapter on the same rows, and the adapter-vs-base gains."""
+    """Accuracy of base and adapter on the same rows, and the adapter-vs-base gains: as a ratio
+    (``acc_gain_vs_ref``) and in accuracy points (``acc_delta``, adapter − base)."""
     acc_base = base.correct.float().mean().item()
     acc = adapter.correct.float().mean().item()
     log_ppl_delta = (adapter.log_ppl_cho - base.log_ppl_cho).mean().item()
@@ -25,10 +27,20 @@ def target_metrics(base: RowScores, adapter: RowScores) -> dict[str, Any]:
         "acc_base": acc_base,
         "acc": acc,
         "acc_gain_vs_ref": _ratio(acc, acc_base),
+        "acc_delta": acc - acc_base,
         "perplexity_reduction_vs_ref": math.exp(-log_ppl_delta),
         "preference_logp_gain_vs_ref": margin_gain,
         "log_ppl_chosen_delta": log_ppl_delta,  # coherence proxy: 0–2 fine, > 2 likely incoherent
     }
+
+
+SUMMARY_KEYS = ("acc_base", "acc", "acc_gain_vs_ref", "acc_delta", "perplexity_reduction_vs_ref",
+                "preference_logp_gain_vs_ref", "log_ppl_chosen_delta")
+
+
+def is_incoherent(log_ppl_chosen_delta: float | None, coherence_limit: float) -> bool:
+    """Whether the chosen log-perplexity moved by more than ``coherence_limit`` nats per token (either way)."""
+    return log_ppl_chosen_delta is not None and abs(log_ppl_chosen_delta) > coherence_limit
 
 
 def shift_summary(targets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -39,8 +51,8 @@ def shift_summary(targets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not rows:
             continue
         summary: dict[str, Any] = {"n_targets": len(rows), "n": sum(r["n"] for r in rows)}
-        for key in ("acc_base", "acc", "acc_gain_vs_ref", "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref"):
-            values = [r[key] for r in rows if r[key] is not None]
+        for key in SUMMARY_KEYS:
+            values = [r[key] for r in rows if r.get(key) is not None]
             summary[key] = sum(values) / len(values) if values else None
         out[shift] = summary
     return out
@@ -50,15 +62,14 @@ NOT_OBJECTIVE_SHIFTS = ("train", "in_domain", "orthogonal")  # in-sample, the tr
 
 
 def objective(shifts: dict[str, dict[str, Any]], targets: list[dict[str, Any]], objective_shifts: list[str] | None = None,
-              coherence_limit: float = 2.0, floor: float = 0.0, key: str = "acc_gain_vs_ref") -> tuple[float, str | None]:
+              coherence_limit: float = DEFAULT_COHERENCE_LIMIT, floor: float = 0.0, key: str = "acc_gain_vs_ref") -> tuple[float, str | None]:
     """The sweep objective and, when it is ``floor``, why.
 
     Mean ``key`` over ``objective_shifts`` (None: every shift type except `NOT_OBJECTIVE_SHIFTS`: the orthogonal
     control should stay unchanged, not be maximised). A run whose chosen log-perplexity moved by more than
     ``coherence_limit`` nats per token on any target is likely incoherent: it gets ``floor``, so a sweeper never
     prefers a broken model for its accuracy."""
-    incoherent = [t["target"] for t in targets
-                  if t.get("log_ppl_chosen_delta") is not None and abs(t["log_ppl_chosen_delta"]) > coherence_limit]
+    incoherent = [t["target"] for t in targets if is_incoherent(t.get("log_ppl_chosen_delta"), coherence_limit)]
     if incoherent:
         return floor, f"chosen log-perplexity moved by more than eval.coherence_limit={coherence_limit} on {', '.join(incoherent)}"
     names = [s for s in shifts if s not in NOT_OBJECTIVE_SHIFTS] if objective_shifts is None else list(objective_shifts)

@@ -13,7 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from reprpo_pl.errors import NonFiniteError
-from reprpo_pl.eval.metrics import SHIFT_ORDER
+from reprpo_pl.eval.metrics import DEFAULT_COHERENCE_LIMIT, SHIFT_ORDER, is_incoherent
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -53,23 +53,43 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return tabulate(list(rows), headers=list(headers), tablefmt="github", disable_numparse=True, stralign=None, numalign=None)
 
 
-TARGET_TABLE = ("acc_base", "acc", "acc_gain_vs_ref", "log_ppl_chosen_delta", "perplexity_reduction_vs_ref",
+TARGET_TABLE = ("acc_base", "acc", "acc_delta", "acc_gain_vs_ref", "log_ppl_chosen_delta", "perplexity_reduction_vs_ref",
                 "preference_logp_gain_vs_ref")
+INCOHERENT = "⚠ likely incoherent"
+
+
+def coherence_limit_of(results: dict[str, Any]) -> float:
+    """The run's ``eval.coherence_limit`` (its stored config), else the default."""
+    limit = ((results.get("config") or {}).get("eval") or {}).get("coherence_limit")
+    return DEFAULT_COHERENCE_LIMIT if limit is None else float(limit)
+
+
+def _marked(cell: str, log_ppl_chosen_delta: float | None, limit: float) -> str:
+    """``cell``, followed by `INCOHERENT` when the chosen log-perplexity moved by more than ``limit``."""
+    return f"{cell} {INCOHERENT}" if is_incoherent(log_ppl_chosen_delta, limit) else cell
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    """SPEC §5's two tables: accuracy per shift type, then per target (with the coherence figure
-    ``log_ppl_chosen_delta`` beside the accuracies); base first, n per cell."""
+    """SPEC §5's two tables: accuracy per shift type (base, adapter, acc_delta, and the coherence figure
+    ``log_ppl_chosen_delta``), then per target (the same beside the other gains); base first, n per cell.
+    An accuracy whose chosen log-perplexity moved by more than ``eval.coherence_limit`` is marked `INCOHERENT`."""
     label = results["label"]
+    limit = coherence_limit_of(results)
     shifts = [s for s in SHIFT_ORDER if s in results["shifts"]]
-    by_shift = [[name, *(f"{_fmt(results['shifts'][s][key])} (n={results['shifts'][s]['n']})" for s in shifts)]
-                for name, key in (("base", "acc_base"), (label, "acc"))]
-    by_target = [[t["target"], t["shift"], str(t["n"]), *(_fmt(t.get(k)) for k in TARGET_TABLE)] for t in results["targets"]]
+    summaries = [results["shifts"][s] for s in shifts]
+    by_shift = [["base", *(f"{_fmt(c['acc_base'])} (n={c['n']})" for c in summaries)],
+                [label, *(_marked(f"{_fmt(c['acc'])} (n={c['n']})", c.get("log_ppl_chosen_delta"), limit) for c in summaries)],
+                *([key, *(_fmt(c.get(key)) for c in summaries)] for key in ("acc_delta", "log_ppl_chosen_delta"))]
+    by_target = [[t["target"], t["shift"], str(t["n"]),
+                  *(_marked(_fmt(t.get(k)), t.get("log_ppl_chosen_delta"), limit) if k == "acc" else _fmt(t.get(k))
+                    for k in TARGET_TABLE)] for t in results["targets"]]
     lines = [f"# {label} on {results['model']}, trained on {results['dataset']} (seed {results['seed']}, "
              f"n_train {results['n_train']}, step {results.get('global_step', '?')})", "",
              "## Preference accuracy per shift type", "", markdown_table(["adapter", *shifts], by_shift),
              "", f"## Per target ({results['dataset']})", "",
-             markdown_table(["target", "shift", "n", *TARGET_TABLE], by_target)]
+             markdown_table(["target", "shift", "n", *TARGET_TABLE], by_target), "",
+             f"`train` = {results['dataset']}'s training pairs (in-sample); acc_delta = acc − acc_base; "
+             f"{INCOHERENT} = |log_ppl_chosen_delta| > eval.coherence_limit={limit:g} nats/token."]
     return "\n".join(lines) + "\n"
 
 
