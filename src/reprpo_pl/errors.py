@@ -10,6 +10,15 @@ class UserError(ValueError):
     """Bad input from the user (config, data, paths). The message names the value and the fix."""
 
 
+class MissingDataError(UserError):
+    """A data file named by the config (a distribution's split) is not on disk; the message names its path."""
+
+
+class RunSkipped(UserError):
+    """``eval.missing_targets=skip`` and the run has nothing to train on or measure out of domain: its
+    source's training split, or every out-of-domain target, is missing. Not a failure: the job ends with a warning."""
+
+
 class NonFiniteError(RuntimeError):
     """A loss, gradient or hidden state became NaN/inf during training; the message says where."""
 

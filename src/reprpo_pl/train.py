@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from reprpo_pl.checkpoint_io import ResumableCheckpoint
 from reprpo_pl.config import CONF_PATH, run_cli
 from reprpo_pl.data.datamodule import PreferenceDataModule
-from reprpo_pl.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, UserError
+from reprpo_pl.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, RunSkipped, UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.hparams import TrialPruned
 from reprpo_pl.progress import quiet_third_party
@@ -162,6 +162,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
     except TrialPruned as pruned:  # the sweeper records the trial as PRUNED (reprpo_pl.hparams)
         log.info(str(pruned))
         return pruned.value
+    except RunSkipped as skipped:  # eval.missing_targets=skip and its data is missing: not a failure, no results
+        log.warning(str(skipped))
+        return float("nan")
 
 
 def optimized_value(results: dict[str, Any], key: str) -> float:

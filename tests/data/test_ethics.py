@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reprpo_pl.data.ethics import common_word_prefix, read_ethics_pairs
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import MissingDataError, UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ethics"
 CM_HEADER = ["label", "input", "is_short", "edited"]
@@ -134,6 +134,22 @@ def test_missing_root():
 def test_commonsense_has_no_train_split():
     with pytest.raises(UserError, match=r"ethics/commonsense has no train split: .*cm_train.csv does not exist"):
         read_ethics_pairs(FIXTURES, "commonsense", "train")
+
+
+def test_test_hard_split_is_read_like_test():
+    pairs = read_ethics_pairs(FIXTURES, "justice", "test_hard")
+    assert pairs["id"] == ["ethics/justice/test_hard/0", "ethics/justice/test_hard/2"]
+    assert pairs["chosen"][0] == " crashed it twice."  # label 1 (reasonable) is chosen, as in test
+
+
+def test_missing_test_hard_split_names_the_path():
+    with pytest.raises(MissingDataError, match=r"ethics/commonsense has no test_hard split: .*cm_test_hard.csv does not exist"):
+        read_ethics_pairs(FIXTURES, "commonsense", "test_hard")
+
+
+def test_unknown_split_lists_the_ethics_splits():
+    with pytest.raises(UserError, match=r"split='hard' is not a data split: use one of train, test, test_hard"):
+        read_ethics_pairs(FIXTURES, "justice", "hard")
 
 
 def test_wrong_header_names_the_file(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from reprpo_pl.data.genies import read_genies_pairs
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import MissingDataError, UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "genies"
 
@@ -71,13 +71,13 @@ def test_missing_root():
 def test_unknown_distribution_suggests_close_names(tmp_path):
     shutil.copytree(FIXTURES / "toy", tmp_path / "toy_hard")
     shutil.copytree(FIXTURES / "toy", tmp_path / "toy")
-    with pytest.raises(UserError, match=re.escape(f"'tooy' (looked in {tmp_path}): did you mean toy, toy_hard")):
+    with pytest.raises(MissingDataError, match=re.escape(f"'tooy': {tmp_path / 'tooy' / 'train.json'} does not exist (did you mean toy, toy_hard")):
         read_genies_pairs(tmp_path, "tooy", "train")
 
 
 def test_missing_split_file(tmp_path):
     _write(tmp_path, [], split="train")
-    with pytest.raises(UserError, match=r"no test split: .*toy/test.json does not exist"):
+    with pytest.raises(MissingDataError, match=r"no test split: .*toy/test.json does not exist"):
         read_genies_pairs(tmp_path, "toy", "test")
 
 

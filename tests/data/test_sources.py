@@ -18,6 +18,7 @@ from reprpo_pl.data.sources import (
     embedded_root,
     load_pairs,
     parse_shift_table,
+    split_target_name,
 )
 from reprpo_pl.errors import UserError
 
@@ -35,6 +36,18 @@ def _load(name: str, split: str = "test", **kwargs):
 def test_dispatches_on_the_ethics_prefix():
     assert _load("ethics/justice")["id"][0] == "ethics/justice/test/0"
     assert _load("toy")["id"][0] == "toy/test/0"
+
+
+@pytest.mark.parametrize(("name", "expected"), [("math", ("math", "test")), ("ethics/justice@test_hard", ("ethics/justice", "test_hard")),
+                                              ("math@train", ("math", "train")), ("math@", ("math", ""))])
+def test_split_target_name(name, expected):
+    assert split_target_name(name) == expected
+
+
+def test_a_target_selects_its_split():
+    assert _load(*split_target_name("ethics/justice@test_hard"))["id"][0] == "ethics/justice/test_hard/0"
+    with pytest.raises(UserError, match=r"split='test_hard' is not a data split: use one of train, test$"):
+        _load(*split_target_name("toy@test_hard"))  # GENIES has no test_hard
 
 
 def test_n_is_a_seeded_subset():

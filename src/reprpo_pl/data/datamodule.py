@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -14,11 +15,14 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from reprpo_pl.data.collator import PreferenceCollator
-from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table
-from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_pairs
-from reprpo_pl.errors import UserError
+from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table, split_target_name
+from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_with_counts
+from reprpo_pl.errors import MissingDataError, RunSkipped, UserError
+
+log = logging.getLogger(__name__)
 
 TRAIN_SHIFT = "train"  # the in-sample row: not a shift type of the table (SHIFT_TYPES), added to every run's targets
+MISSING_TARGETS = ("error", "skip")  # eval.missing_targets: what a target whose file is not on disk does
 
 
 def in_sample_target(source: str) -> Target:
@@ -32,6 +36,28 @@ def in_sample_rows(train: Dataset, n: int, seed: int) -> Dataset:
         return train
     rows = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
     return train.select(sorted(rows.tolist()))
+
+
+def load_targets(table: list[Target], missing: str, **kwargs: Any) -> tuple[list[Target], dict[str, Dataset]]:
+    """The test pairs of each target (``name@split`` reads that split), keyword arguments as `load_pairs`.
+
+    A target whose file is not on disk fails the run with one line naming the path and the fix
+    (``missing="error"``), or is left out with a warning naming it (``"skip"``, SPEC §1.3). Under ``skip``, a
+    table whose out-of-domain targets are all missing raises `RunSkipped`: the run would measure nothing."""
+    found: dict[str, Dataset] = {}
+    for target in table:
+        try:
+            found[target.name] = load_pairs(*split_target_name(target.name), **kwargs)
+        except MissingDataError as err:
+            if missing == "error":
+                raise MissingDataError(f"target {target.name}: {err}; fix the data path, drop it from dataset.targets, "
+                                       "or set eval.missing_targets=skip to skip it") from None
+            log.warning("skipping target %s (%s; eval.missing_targets=skip): %s", target.name, target.shift, err)
+    out_of_domain = [t.name for t in table if t.shift != "in_domain"]
+    if out_of_domain and not any(name in found for name in out_of_domain):
+        raise RunSkipped(f"run skipped: every out-of-domain target ({', '.join(out_of_domain)}) is missing "
+                         "(eval.missing_targets=skip)")
+    return [t for t in table if t.name in found], found
 
 
 def _positive(name: str, value: Any) -> int:
@@ -70,9 +96,18 @@ class PreferenceDataModule(L.LightningDataModule):
         roots = {"genies_root": data.get("root"), "ethics_root": data.get("ethics_root")}
         self.source: str = dataset["source"]
         table = parse_shift_table(dataset)
-        self.train_text = load_pairs(self.source, "train", n=n_train, seed=data.get("seed", 0), **roots)
+        missing = eval.get("missing_targets", "error")
+        if missing not in MISSING_TARGETS:
+            raise UserError(f"eval.missing_targets={missing!r} must be one of {', '.join(MISSING_TARGETS)}, "
+                            "e.g. eval.missing_targets=skip")
+        try:
+            self.train_text = load_pairs(self.source, "train", n=n_train, seed=data.get("seed", 0), **roots)
+        except MissingDataError as err:
+            if missing == "skip":  # e.g. a benchmark's target-tuned run on a distribution this copy lacks
+                raise RunSkipped(f"run skipped: source {self.source} has no training data ({err}; eval.missing_targets=skip)") from None
+            raise
         # evaluation rows are fixed by eval.seed, not the run's seed, so every run scores the same pairs
-        self.eval_text = {t.name: load_pairs(t.name, "test", n=n_eval, seed=eval.get("seed", 0), **roots) for t in table}
+        table, self.eval_text = load_targets(table, missing, n=n_eval, seed=eval.get("seed", 0), **roots)
         # the in-sample row first (the journal's first column): eval.n_samples of the pairs this run trains on
         train_target = in_sample_target(self.source)
         self.eval_text = {train_target.name: in_sample_rows(self.train_text, n_eval, eval.get("seed", 0)), **self.eval_text}
@@ -81,18 +116,21 @@ class PreferenceDataModule(L.LightningDataModule):
         self._loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
+        self.eval_counts: dict[str, dict[str, int]] = {}  # target → n_truncated, n_dropped by tokenisation (results.json)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             raise RuntimeError("set datamodule.tokenizer before setup()")
         if self.train_set is not None:
             return
-        self.train_set = self._tokenize(self.train_text, f"{self.source}/train")
-        self.eval_sets = {name: self._tokenize(text, name if "@" in name else f"{name}/test") for name, text in self.eval_text.items()}
+        self.train_set, _ = self._tokenize(self.train_text, f"{self.source}/train")
+        for name, text in self.eval_text.items():
+            self.eval_sets[name], self.eval_counts[name] = self._tokenize(text, name if "@" in name else f"{name}/test")
 
-    def _tokenize(self, pairs: Dataset, name: str) -> Dataset:
+    def _tokenize(self, pairs: Dataset, name: str) -> tuple[Dataset, dict[str, int]]:
+        """Token ids of ``pairs`` and how many rows were truncated (``n_truncated``) and dropped (``n_dropped``)."""
         pairs = pairs.add_column("index", list(range(len(pairs))))
-        tokenized = tokenize_pairs(pairs, self.tokenizer, self.tokenize_cfg, name)
+        tokenized, counts = tokenize_with_counts(pairs, self.tokenizer, self.tokenize_cfg, name)
         if len(tokenized) == 0:
             cfg = self.tokenize_cfg
             raise UserError(
@@ -100,7 +138,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"data.max_prompt_length={cfg.max_prompt_length} in data.max_length={cfg.max_length} tokens "
                 "(or chosen = rejected); raise data.max_length or lower data.max_prompt_length"
             )
-        return tokenized.select_columns(["index", "prompt_ids", "chosen_ids", "rejected_ids"])
+        return tokenized.select_columns(["index", "prompt_ids", "chosen_ids", "rejected_ids"]), counts
 
     @property
     def collator(self) -> PreferenceCollator:

@@ -24,7 +24,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from reprpo_pl.data.genies import check_split, pairs_to_dataset
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import MissingDataError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ SUBSETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "justice": ("justice", ("label", "scenario")),
     "utilitarianism": ("util", None),
 }
+SPLITS = ("train", "test", "test_hard")  # test_hard: the paper's adversarially filtered test set, same columns
 MIN_PREFIX_CHARS = 4  # the shared prompt must be longer than this
 MIN_OVERLAP = 0.25  # 2|prefix| / (|a| + |b|) must exceed this
 MIN_REMAINDER_CHARS = 2
@@ -43,8 +44,9 @@ Pair = dict[str, str]
 
 
 def ethics_file(root: str | Path, subset: str, split: str) -> Path:
-    """Path of the CSV holding ``subset``'s ``split``, or a UserError naming what is missing."""
-    check_split(split)
+    """Path of the CSV holding ``subset``'s ``split``; a `MissingDataError` naming that path when it is absent
+    (a UserError for an unknown subset or a missing ``root``)."""
+    check_split(split, SPLITS)
     root = Path(root)
     if not root.is_dir():
         raise UserError(
@@ -61,7 +63,7 @@ def ethics_file(root: str | Path, subset: str, split: str) -> Path:
         raise UserError(f"unknown ETHICS subset {subset!r} (looked in {root}): {hint}")
     path = root / subset / f"{SUBSETS[subset][0]}_{split}.csv"
     if not path.is_file():
-        raise UserError(f"ethics/{subset} has no {split} split: {path} does not exist")
+        raise MissingDataError(f"ethics/{subset} has no {split} split: {path} does not exist")
     return path
 
 

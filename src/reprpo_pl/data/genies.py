@@ -19,7 +19,7 @@ from typing import Any
 
 from datasets import Dataset, Features, Value
 
-from reprpo_pl.errors import UserError
+from reprpo_pl.errors import MissingDataError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,15 @@ def pairs_to_dataset(pairs: list[dict[str, str]]) -> Dataset:
     return Dataset.from_dict({key: [pair[key] for pair in pairs] for key in PAIR_FEATURES}, features=PAIR_FEATURES)
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise UserError(f"split={split!r} is not a data split: use one of {', '.join(SPLITS)}")
+def check_split(split: str, splits: tuple[str, ...] = SPLITS) -> None:
+    """A UserError unless ``split`` is one of ``splits`` (GENIES' by default)."""
+    if split not in splits:
+        raise UserError(f"split={split!r} is not a data split: use one of {', '.join(splits)}")
 
 
 def genies_file(root: str | Path, name: str, split: str) -> Path:
-    """Path of ``<root>/<name>/<split>.json``, or a UserError naming what is missing."""
+    """Path of ``<root>/<name>/<split>.json``; a `MissingDataError` naming that path when the distribution or
+    its split is absent (a UserError when ``root`` itself is)."""
     check_split(split)
     root = Path(root)
     if not root.is_dir():
@@ -46,14 +48,14 @@ def genies_file(root: str | Path, name: str, split: str) -> Path:
             f"data.root={root} does not exist: point data.root at a GENIES directory (…/genies) "
             "or leave it null for the embedded subset"
         )
+    path = root / name / f"{split}.json"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if name not in names:
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"it holds {len(names)} distributions"
-        raise UserError(f"unknown GENIES distribution {name!r} (looked in {root}): {hint}")
-    path = root / name / f"{split}.json"
+        hint = f"did you mean {', '.join(close)}?" if close else f"{root} holds {len(names)} distributions"
+        raise MissingDataError(f"unknown GENIES distribution {name!r}: {path} does not exist ({hint})")
     if not path.is_file():
-        raise UserError(f"GENIES distribution {name!r} has no {split} split: {path} does not exist")
+        raise MissingDataError(f"GENIES distribution {name!r} has no {split} split: {path} does not exist")
     return path
 
 

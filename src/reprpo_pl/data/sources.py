@@ -17,8 +17,8 @@ import numpy as np
 from datasets import Dataset
 
 from reprpo_pl.data.ethics import ethics_file, read_ethics_pairs
-from reprpo_pl.data.genies import check_split, genies_file, read_genies_pairs
-from reprpo_pl.errors import UserError
+from reprpo_pl.data.genies import genies_file, read_genies_pairs
+from reprpo_pl.errors import MissingDataError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def _embedded_contents(kind: Literal["genies", "ethics"]) -> str:
 
 
 def _check_embedded(name: str, split: str) -> None:
-    """A clear error when the embedded subset lacks ``name``/``split`` (it holds only a few files)."""
+    """A clear error when the embedded subset lacks ``name``/``split`` (it holds only a few files): a
+    `MissingDataError` naming the path, the subset's contents and the data root to set."""
     kind: Literal["genies", "ethics"] = "ethics" if name.startswith(ETHICS_PREFIX) else "genies"
     key = "data.ethics_root" if kind == "ethics" else "data.root"
     try:
@@ -54,11 +55,18 @@ def _check_embedded(name: str, split: str) -> None:
             ethics_file(embedded_root(kind), name[len(ETHICS_PREFIX) :], split)
         else:
             genies_file(embedded_root(kind), name, split)
-    except UserError:
-        raise UserError(
-            f"{name} ({split}) is not in the embedded subset, which holds {_embedded_contents(kind)}: "
+    except MissingDataError as err:
+        raise MissingDataError(
+            f"{name} ({split}) is not in the embedded subset, which holds {_embedded_contents(kind)} ({err}): "
             f"set {key} to the full {kind.upper()} data (e.g. ../shared/data/{kind})"
         ) from None
+
+
+def split_target_name(name: str) -> tuple[str, str]:
+    """``(distribution, split)`` of a target name: ``"ethics/justice@test_hard"`` → ``("ethics/justice", "test_hard")``;
+    a name without ``@`` is the distribution's ``test`` split."""
+    distribution, at, split = name.partition("@")
+    return distribution, split if at else "test"
 
 
 def _subset(pairs: Dataset, n: int, seed: int, label: str) -> Dataset:
@@ -84,7 +92,6 @@ def load_pairs(
 
     ``seed`` picks GENIES rejected completions and the ``n``-row subset; ``n=None`` keeps all rows.
     """
-    check_split(split)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise UserError(f"n={n!r} must be a positive integer or null (all rows)")
     if name.startswith(ETHICS_PREFIX):

@@ -45,10 +45,16 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template
 
 
 def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TokenizeConfig, name: str = "") -> Dataset:
-    """Map ``prompt/chosen/rejected`` text columns to ``prompt_ids/chosen_ids/rejected_ids`` token lists.
+    """Map ``prompt/chosen/rejected`` text columns to ``prompt_ids/chosen_ids/rejected_ids`` token lists
+    (`tokenize_with_counts` without the counts)."""
+    return tokenize_with_counts(pairs, tokenizer, cfg, name)[0]
 
-    Counts and logs truncated rows; drops rows whose completions are empty or identical after truncation.
-    An empty prompt becomes the tokenizer's BOS (EOS where it has none)."""
+
+def tokenize_with_counts(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TokenizeConfig, name: str = ""
+                         ) -> tuple[Dataset, dict[str, int]]:
+    """`tokenize_pairs`'s dataset and ``{"n_truncated", "n_dropped"}``: rows cut to fit ``max_prompt_length`` /
+    ``max_length``, and rows dropped because their completions are empty or identical after truncation (both
+    logged). An empty prompt becomes the tokenizer's BOS (EOS where it has none)."""
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     use_special = not (cfg.chat_template and tokenizer.chat_template)
     # an empty prompt (an ETHICS utilitarianism pair without a shared prefix, chat template off) gets a
@@ -77,7 +83,8 @@ def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Toke
         return out
 
     if len(pairs) == 0:  # map() on an empty dataset adds no columns
-        return pairs.add_column("prompt_ids", []).add_column("chosen_ids", []).add_column("rejected_ids", [])
+        empty = pairs.add_column("prompt_ids", []).add_column("chosen_ids", []).add_column("rejected_ids", [])
+        return empty, {"n_truncated": 0, "n_dropped": 0}
     tokenized = pairs.map(encode)
     n_truncated = sum(tokenized["truncated"])
     kept = tokenized.filter(lambda keep: keep, input_columns="keep")
@@ -85,4 +92,4 @@ def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Toke
     if n_truncated or dropped:
         log.info("%s: %d/%d rows truncated to max_length=%d; %d dropped (empty or identical completions after truncation)",
                  name, n_truncated, len(tokenized), cfg.max_length, dropped)
-    return kept.remove_columns(["truncated", "keep"])
+    return kept.remove_columns(["truncated", "keep"]), {"n_truncated": n_truncated, "n_dropped": dropped}

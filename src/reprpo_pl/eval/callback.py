@@ -28,7 +28,8 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
         scores = score_pairs(model, datamodule.eval_dataloader(target.name), with_base=target.name not in base_cache,
                              desc=f"eval {target.name}")
         base = base_cache.setdefault(target.name, scores.get("base"))
-        rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"])})
+        rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"]),
+                     **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
     return rows
 
 
