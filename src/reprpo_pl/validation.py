@@ -82,6 +82,7 @@ NUMERIC: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("method.decay_ratio", unit_interval, "must be a number in [0, 1] (or null with method.schedule=cosine), e.g. method.decay_ratio=0.15", True),
     ("method.beta", positive, "must be > 0 and finite (ipo's target margin is 1/(2·beta); sigmoid and hinge scale the margin by it), e.g. method.beta=0.1", False),
     ("method.label_smoothing", smoothing, "must be a number in [0, 0.5), e.g. method.label_smoothing=0.0", False),
+    ("method.gradnorm_every_n_steps", positive_int, "must be a positive integer or null (off), e.g. method.gradnorm_every_n_steps=50", True),
     ("method.projection.beta", non_negative, "must be a finite number >= 0, e.g. method.projection.beta=0.8", False),
     ("loss.alpha", non_negative, "must be a finite number >= 0, e.g. loss.alpha=0.1", False),
     ("loss.beta", non_negative, "must be a finite number >= 0, e.g. loss.beta=0.4", False),
@@ -130,10 +131,6 @@ def check_combinations(cfg: DictConfig) -> None:
         raise UserError(f"loss.weight_tokens=true is the prototype's exponential token weighting, "
                         f"collection.pooling=exp_decay, but collection.pooling={_get(cfg, 'collection.pooling')}: "
                         "add collection.pooling=exp_decay (or drop loss.weight_tokens)")
-    if _get(cfg, "loss.name") == "prefvec" and _get(cfg, "loss.use_nll_loss") is True:
-        # PrefVec's NLL term reads per-token log-probs (ReprBatch.pi_token_logp_cho), which methods/reprpo.py does not pass yet
-        raise UserError("loss.use_nll_loss=true: PrefVec's per-token NLL term needs the chosen completion's per-token "
-                        "log-probs, which the ReprPO module does not pass yet; use loss.use_nll_loss=false")
 
 
 SCHEDULES = ("cosine", "wsd")  # method.schedule (methods/base.py lr_factor)

@@ -295,6 +295,8 @@ def test_lora_and_transform_parameters_get_gradients(loss, text_batch):
 CLI_OPTIONS = {
     "policy_direction_weight_tokens": ["loss.use_pref_ref=false", "loss.norm_by_ref=true", "loss.weight_tokens=true", "collection.pooling=exp_decay"],
     "orth_on_q_v2": ["loss.orth_on=q", "loss.prototype_compat=v2", "loss.beta=5"],
+    "nll": ["loss.use_nll_loss=true"],
+    "v2_nll": ["loss.prototype_compat=v2", "loss.use_nll_loss=true"],
     "v3": ["loss.prototype_compat=v3", "loss.use_proj_loss=true", "loss.use_proj_abs_loss=true",
            "loss.use_orth_loss=false", "loss.use_angle_loss=false"],
 }
@@ -312,7 +314,6 @@ def test_new_options_train_two_steps_from_the_cli(name, tmp_path: Path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["loss.weight_tokens=true"], r"^error: loss\.weight_tokens=true is the prototype's exponential token weighting"),
-    (["loss.use_nll_loss=true"], r"^error: loss\.use_nll_loss=true: PrefVec's per-token NLL term needs"),
     (["loss.nll_weight=-1"], r"^error: loss\.nll_weight=-1 must be a finite number >= 0"),
 ])
 def test_cli_refuses_options_it_cannot_honour(overrides, message, tmp_path: Path):

@@ -120,12 +120,17 @@ class PreferenceModule(L.LightningModule):
     def policy_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """`pair_logps` of the policy, plus the WPO weight of each pair ``[B]`` (detached; None with
         ``method.wpo=off``), from the same forward (`reprpo_pl.objectives.wpo`)."""
+        per_token, wpo = self.policy_token_logps(inputs)
+        return (*self._aggregate_pairs(per_token, inputs["completion_mask"]), wpo)
+
+    def policy_token_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The policy's per-token completion log-probs ``[2B, C]`` (chosen rows, then rejected) and the WPO weight
+        of each pair ``[B]`` (detached; None with ``method.wpo=off``), from one forward."""
         if self.method_cfg.wpo == "off":
-            return (*self.pair_logps(inputs), None)
+            return completion_logps(self.model, inputs), None
         per_token, log_sum_sq = completion_logps_and_log_sum_sq(self.model, inputs)
-        mask = inputs["completion_mask"]
-        lw_cho, lw_rej = wpo_log_weight(per_token, log_sum_sq, mask).chunk(2)
-        return (*self._aggregate_pairs(per_token, mask), wpo_weights(lw_cho, lw_rej, self.method_cfg.wpo))
+        lw_cho, lw_rej = wpo_log_weight(per_token, log_sum_sq, inputs["completion_mask"]).chunk(2)
+        return per_token, wpo_weights(lw_cho, lw_rej, self.method_cfg.wpo)
 
     def pair_logps(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """For `pair_inputs` (packed or `concat_pairs`): aggregated log-probs of chosen and rejected (``[B]`` each, by
@@ -140,16 +145,23 @@ class PreferenceModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Tensor], use_cache: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of a collated batch and its metrics (detached scalars). ``use_cache``: the reference
+        """The loss of a collated batch and its metrics (scalars; ``loss/<term>`` may keep its graph, for
+        `reprpo_pl.methods.loss_balance`, and is detached when logged). ``use_cache``: the reference
         outputs may come from (and go into) the reference cache; `training_step` passes True."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, metrics = self.compute_loss(batch, use_cache=True)
+        return self.log_step(loss, metrics, batch)
+
+    def log_step(self, loss: Tensor, metrics: dict[str, Tensor | float], batch: dict[str, Tensor]) -> Tensor:
+        """Check the step's loss terms are finite and log them (detached) as ``train/<name>``; returns ``loss``."""
         # the terms first, so a NaN is reported where it appeared rather than as the total it spreads to
         self.check_finite({**{k: v for k, v in metrics.items() if k.startswith("loss")}, "loss": loss})
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["prompt_ids"].shape[0])
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["prompt_ids"].shape[0])
+        size = batch["prompt_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        detached = {f"train/{k}": v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        self.log_dict(detached, batch_size=size)
         return loss
 
     def check_finite(self, terms: Mapping[str, Tensor], where: str = "loss term") -> None:

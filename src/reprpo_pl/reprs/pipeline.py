@@ -7,7 +7,7 @@ weighting whose weights depend on the mask only (``collection.pooling``: mean, l
 positions are found on raw norms, so the transform must also preserve norms. Then states are pooled to
 ``[2B, d]`` before the transform, and the reference's pooled (untransformed) states are constant per
 example, so they can be cached (the methods' reference cache). Otherwise (supr, rank's log-softmax
-pooling, sink filtering through a norm-changing transform) every token is transformed, then pooled, as
+pooling, per-token normalisation (``norm_before_reduce``), sink filtering through a norm-changing transform) every token is transformed, then pooled, as
 the SPEC writes it, and the reference forward runs every step.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reprpo_pl.reprs.pooling import (
@@ -41,10 +42,11 @@ class ReprPipeline:
     sink_k: float | None
     needs_token_deviation: bool = False
     tokens: TokenWeighting = "mean"  # collection.pooling: which completion tokens, how much (`token_weights`)
+    normalize_tokens: bool = False  # the loss's norm_before_reduce: pool H_t/‖H_t‖ (per token, after the transform)
 
     def __post_init__(self) -> None:
         traits = transform_traits(self.transform)
-        self.pool_first = (self.pooling == "mean" and traits.commutes_with_mean
+        self.pool_first = (self.pooling == "mean" and traits.commutes_with_mean and not self.normalize_tokens
                            and (self.sink_k is None or traits.preserves_norm))
 
     @property
@@ -89,8 +91,11 @@ class ReprPipeline:
         return {k: h.squeeze(1) for k, h in self.transform({k: h.unsqueeze(1) for k, h in pooled.items()}, ones).items()}
 
     def _pool_tokens(self, tokens: States, mask: Tensor) -> States:
-        """``{key: [2B, C, d]}`` → transformed per token, then pooled ``{key: [2B, d]}``."""
+        """``{key: [2B, C, d]}`` → transformed per token (unit-normalised with ``normalize_tokens``), then pooled
+        ``{key: [2B, d]}``."""
         transformed = self.transform(tokens, mask)
+        if self.normalize_tokens:
+            transformed = {k: F.normalize(h, dim=-1) for k, h in transformed.items()}
         return {k: pool(h, mask, self.pooling, self.sink_k, self.tokens) for k, h in transformed.items()}
 
 

@@ -46,7 +46,8 @@ def hidden_diagnostics(batch: ReprBatch) -> dict[str, Tensor]:
 
 
 def reprpo_diagnostics(batch: ReprBatch, beta: float, terms: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Everything a representation loss logs: ``terms`` (e.g. ``{"loss/out": …}``, detached here),
-    then `dpo_diagnostics` and `hidden_diagnostics`."""
-    detached = {name: value.detach() for name, value in terms.items()}
-    return {**detached, **dpo_diagnostics(batch, beta), **hidden_diagnostics(batch)}
+    """Everything a representation loss logs: ``terms`` (e.g. ``{"loss/out": …}``; ``loss/*`` keep their graph for
+    `reprpo_pl.methods.loss_balance`, the module detaches them when it logs, the rest are detached here), then
+    `dpo_diagnostics` and `hidden_diagnostics`."""
+    kept = {name: value if name.startswith("loss/") else value.detach() for name, value in terms.items()}
+    return {**kept, **dpo_diagnostics(batch, beta), **hidden_diagnostics(batch)}

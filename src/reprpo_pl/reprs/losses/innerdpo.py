@@ -127,11 +127,14 @@ class InnerDPOLoss:
     ``mean_K Hθ`` where Hθ ``[B]`` per key comes from ``align_method`` (see `ALIGN_METHODS`).
     Options: ``trust_region`` clamps each key's Hθ from above; ``use_token_constraint`` subtracts
     ½·relu(D_rej − D_cho) from the hidden margin (D = ``batch.token_dev_*``); ``use_policy_weights``
-    multiplies each pair's loss by its `policy_weights`.
+    multiplies each pair's loss by its `policy_weights`; ``norm_before_reduce`` (the prototype's 06-03…06-08 option)
+    has the module pool unit-normalised token states ``H_t/‖H_t‖``; ``auto_alpha`` has it replace α by
+    ``‖∇L_out‖/‖∇L_in‖`` (experimental, `reprpo_pl.methods.loss_balance`).
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
     logprob_term: ClassVar[LogprobTerm] = "smooth"  # the DPO term
+    needs_token_logps: ClassVar[bool] = False
 
     align_method: str
     alpha: float
@@ -142,6 +145,8 @@ class InnerDPOLoss:
     trust_region: float | None
     use_token_constraint: bool
     use_policy_weights: bool
+    norm_before_reduce: bool  # read by the module's ReprPipeline: unit-normalise each token's state before pooling
+    auto_alpha: bool  # read by the module (`reprpo_pl.methods.loss_balance`): α re-measured from gradient norms
 
     def __post_init__(self) -> None:
         _check_choice("align_method", self.align_method, tuple(ALIGN_METHODS))

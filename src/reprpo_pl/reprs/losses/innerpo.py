@@ -32,9 +32,12 @@ class InnerPOLoss:
     pooling: ClassVar[PoolingKind] = "mean"
     logprob_term: ClassVar[LogprobTerm] = "smooth"  # the DPO term
     needs_token_deviation: ClassVar[bool] = False
+    needs_token_logps: ClassVar[bool] = False
 
     alpha: float
     beta: float
+    norm_before_reduce: bool  # read by the module's ReprPipeline: unit-normalise each token's state before pooling
+    auto_alpha: bool  # read by the module (`reprpo_pl.methods.loss_balance`): α re-measured from gradient norms
 
     def __call__(self, batch: ReprBatch) -> tuple[Tensor, dict[str, Tensor]]:
         theta = torch.stack(

@@ -24,6 +24,7 @@ class MSELoss:
     """
 
     pooling: ClassVar[PoolingKind] = "mean"
+    needs_token_logps: ClassVar[bool] = False
     logprob_term: ClassVar[LogprobTerm] = "none"
     needs_token_deviation: ClassVar[bool] = False
 

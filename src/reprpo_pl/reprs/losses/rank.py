@@ -29,6 +29,7 @@ class RankLoss:
     """
 
     pooling: ClassVar[PoolingKind] = "log_softmax_mean"
+    needs_token_logps: ClassVar[bool] = False
     logprob_term: ClassVar[LogprobTerm] = "hinge"  # relu(−ρ), relu(NLL increase): zero gradient at ρ = 0
     needs_token_deviation: ClassVar[bool] = False
 
