@@ -146,7 +146,7 @@ def run_eval_cli(*overrides: str) -> None:
 def test_eval_cli_accepts_adapter_dir(runs, tmp_path):
     run_dir, _ = runs["innerdpo"]
     run_eval_cli(f"ckpt_path={run_dir / 'adapter'}")
-    [out] = (run_dir / "eval").iterdir()  # default out dir: <run dir>/eval/<timestamp>, also for the adapter folder
+    [out] = [p for p in (run_dir / "eval").iterdir() if p.is_dir() and p.name[0].isdigit()]  # default out dir: <run dir>/eval/<timestamp>, also for the adapter folder
     from_adapter = json.loads((out / "results.json").read_text())
     from_run_dir = evaluate_checkpoint(eval_cfg(f"ckpt_path={run_dir}"), tmp_path)
     assert from_adapter["checkpoint"] == str((run_dir / "adapter").resolve())

@@ -68,12 +68,21 @@ def test_checkpoint_holds_trainable_state_and_config(run_dir):
 def test_eval_cli_reproduces_training_results(run_dir):
     proc = cli("reprpo_pl.eval", f"ckpt_path={run_dir}", cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [out] = (run_dir / "eval").iterdir()  # default out dir: <run dir>/eval/<timestamp>
+    [out] = [p for p in (run_dir / "eval").iterdir() if p.is_dir() and p.name[0].isdigit()]  # default out dir: <run dir>/eval/<timestamp>
     assert (out / "results.md").is_file()
     trained = json.loads((run_dir / "results.json").read_text())
     evaluated = json.loads((out / "results.json").read_text())
     assert {k: evaluated[k] for k in COMPARED} == {k: trained[k] for k in COMPARED}  # exact, floats included
     assert (trained["targets"][0]["target"], trained["targets"][0]["shift"]) == ("math@train", "train")  # in-sample row
+    for target in trained["targets"]:  # per-pair records, the same from the checkpoint as from training
+        rows = [json.loads(line) for line in (run_dir / "eval" / f"{target['target']}.jsonl").read_text().splitlines()]
+        assert rows == [json.loads(line) for line in (out / "eval" / f"{target['target']}.jsonl").read_text().splitlines()]
+        assert len(rows) == target["n"] and {r["distribution"] for r in rows} == {target["target"].split("@")[0]}
+        assert {r["split"] for r in rows} == {"train" if target["shift"] == "train" else "test"}
+        for role, key in (("base", "acc_base"), ("adapter", "acc")):
+            correct = [r[f"{role}_logp_chosen"] / r[f"{role}_n_chosen"] > r[f"{role}_logp_rejected"] / r[f"{role}_n_rejected"]
+                       for r in rows]
+            assert sum(correct) / len(rows) == pytest.approx(target[key])  # users can recompute the table
     assert evaluated["evaluated_on"] == "math"
     assert evaluated["checkpoint"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
     assert "| us_history_textbook | orthogonal | " in proc.stdout

@@ -173,5 +173,10 @@ class PreferenceDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loader_state = state_dict.get("train_loader")
 
+    def row_ids(self, target: str) -> list[str]:
+        """The ``id`` (``<distribution>/<split>/<index in the file>``) of each pair of ``eval_dataloader(target)``, in order."""
+        ids = self.eval_text[target]["id"]
+        return [ids[i] for i in self.eval_sets[target]["index"]]
+
     def eval_dataloader(self, target: str) -> DataLoader:
         return DataLoader(self.eval_sets[target], batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collator)

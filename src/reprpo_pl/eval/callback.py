@@ -13,24 +13,28 @@ from omegaconf import OmegaConf
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import NonFiniteError
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
-from reprpo_pl.eval.results import non_finite, run_label, write_results
+from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_per_row, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None) -> list[dict[str, Any]]:
+def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None
+                     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Score base and adapter on each target's eval set. ``base_cache`` (target → base scores) skips
-    the base pass for targets already scored: the base model never changes during training."""
+    the base pass for targets already scored: the base model never changes during training.
+
+    Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`)."""
     base_cache = {} if base_cache is None else base_cache
-    rows = []
+    rows, per_row = [], {}
     for target in datamodule.targets:
         scores = score_pairs(model, datamodule.eval_dataloader(target.name), with_base=target.name not in base_cache,
                              desc=f"eval {target.name}")
         base = base_cache.setdefault(target.name, scores.get("base"))
         rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"]),
                      **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
-    return rows
+        per_row[target.name] = per_row_records(datamodule.row_ids(target.name), base, scores["adapter"])
+    return rows, per_row
 
 
 def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -79,13 +83,15 @@ def log_results_tables(loggers: list[Any], results: dict[str, Any]) -> None:
 class ShiftEvalCallback(L.Callback):
     """At each epoch end (every ``every_n_epochs``) evaluate all targets of the source's shift table
     and log ``eval/<shift>/<target>/<metric>``; at the end of training evaluate once more if the
-    weights changed since, then write results.json/results.md into the trainer's root dir."""
+    weights changed since, then write results.json/results.md into the trainer's root dir, and before them the
+    per-pair records ``eval/<target>.jsonl``."""
 
     def __init__(self, every_n_epochs: int = 1, write: bool = True):
         self.every_n_epochs = every_n_epochs
         self.write = write
         self.base_cache: dict[str, RowScores] = {}
         self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
+        self.per_row: dict[str, list[dict[str, Any]]] = {}  # target → per-pair records of the last evaluation
         self.results: dict[str, Any] | None = None
         self.started: float | None = None  # perf_counter at train start
         self.eval_s = 0.0  # seconds spent scoring targets
@@ -111,7 +117,7 @@ class ShiftEvalCallback(L.Callback):
             return self.last[1]
         started = time.perf_counter()
         with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
-            targets = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
+            targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
         self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}
@@ -146,6 +152,7 @@ class ShiftEvalCallback(L.Callback):
         """results.json last: after every ``on_train_end`` (Lightning runs ModelCheckpoint's, which
         writes the final last.ckpt, after all other callbacks'; AdapterExport's writes adapter/)."""
         if trainer.is_global_zero and self.results is not None and self.write:
+            write_per_row(Path(trainer.default_root_dir), self.per_row)
             markdown = write_results(Path(trainer.default_root_dir), self.results)
             log.info("results written to %s", trainer.default_root_dir)
             print("\n" + markdown)

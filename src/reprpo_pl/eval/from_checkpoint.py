@@ -32,7 +32,7 @@ from reprpo_pl.eval.adapter_export import (
     load_adapter_state,
 )
 from reprpo_pl.eval.callback import build_results, evaluate_targets
-from reprpo_pl.eval.results import write_results
+from reprpo_pl.eval.results import write_per_row, write_results
 from reprpo_pl.methods.base import saved_state_mismatch
 from reprpo_pl.models.precision import precision_context
 from reprpo_pl.progress import quiet_third_party
@@ -206,7 +206,8 @@ def build_module(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt: Path)
 
 
 def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Score the checkpoint (or adapter folder) named by ``request.ckpt_path`` and write results into ``out_dir``."""
+    """Score the checkpoint (or adapter folder) named by ``request.ckpt_path`` and write results into ``out_dir``
+    (per-pair records into ``out_dir/eval/<target>.jsonl``)."""
     validate_eval_request(request)
     ckpt = checkpoint_file(request.get("ckpt_path"))
     if ckpt.is_dir():  # an adapter folder
@@ -235,10 +236,11 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     datamodule.setup("validate")
     log.info("evaluating %s (step %s) on %d targets of %s", ckpt, global_step, len(datamodule.targets), dataset.source)
     with precision_context(cfg.trainer.precision, module.device):  # the precision the run trained (and was scored) in
-        targets = evaluate_targets(module.model, datamodule)
+        targets, per_row = evaluate_targets(module.model, datamodule)
     results = build_results(cfg, targets, global_step=global_step)
     # `dataset` stays the training source (what the adapter learned); `evaluated_on` names the table used
     results.update(dataset=trained.dataset.source, evaluated_on=dataset.source, checkpoint=str(ckpt.resolve()))
+    write_per_row(out_dir, per_row)
     markdown = write_results(out_dir, results)
     log.info("results written to %s", out_dir)
     print("\n" + markdown)

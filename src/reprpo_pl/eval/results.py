@@ -14,6 +14,9 @@ from tabulate import tabulate
 
 from reprpo_pl.errors import NonFiniteError
 from reprpo_pl.eval.metrics import DEFAULT_COHERENCE_LIMIT, SHIFT_ORDER, is_incoherent
+from reprpo_pl.eval.scorer import RowScores
+
+ROWS_DIR = "eval"  # per-row results: <dir of results.json>/eval/<target>.jsonl
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -115,3 +118,32 @@ def write_results(run_dir: str | Path, results: dict[str, Any]) -> str:
     # results.json last: its presence marks a complete run
     atomic_write_text(Path(run_dir) / "results.json", json.dumps(results, indent=2))
     return markdown
+
+
+def per_row_records(ids: Sequence[str], base: RowScores, adapter: RowScores) -> list[dict[str, Any]]:
+    """One record per pair, in ``ids`` order (``ids[i]`` = ``"<distribution>/<split>/<index>"``, the row's
+    identity in its file, e.g. ``ethics/justice/test/17``): ``distribution``, ``split``, ``index``, and for
+    ``base`` and ``adapter`` the summed completion log-probs (``*_logp_chosen``, ``*_logp_rejected``) and
+    token counts (``*_n_chosen``, ``*_n_rejected``). ``base`` and ``adapter`` hold ``[N]`` tensors, N = len(ids)."""
+    columns = {}
+    for role, scores in (("base", base), ("adapter", adapter)):
+        columns.update({f"{role}_logp_chosen": scores.logp_cho.tolist(), f"{role}_logp_rejected": scores.logp_rej.tolist(),
+                        f"{role}_n_chosen": [int(n) for n in scores.n_cho.tolist()],
+                        f"{role}_n_rejected": [int(n) for n in scores.n_rej.tolist()]})
+    records = []
+    for i, row_id in enumerate(ids):
+        distribution, split, index = row_id.rsplit("/", 2)
+        records.append({"distribution": distribution, "split": split, "index": int(index),
+                        **{key: values[i] for key, values in columns.items()}})
+    return records
+
+
+def write_per_row(run_dir: str | Path, per_row: dict[str, list[dict[str, Any]]]) -> None:
+    """Write each target's records as JSON lines to ``<run_dir>/eval/<target>.jsonl``, atomically (a target
+    named ``ethics/justice`` gets ``eval/ethics/justice.jsonl``). A non-finite number is refused (`NonFiniteError`)."""
+    for target, records in per_row.items():
+        try:
+            text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+        except ValueError:
+            raise NonFiniteError(f"per-row scores of {target} hold non-finite numbers; {ROWS_DIR}/{target}.jsonl not written") from None
+        atomic_write_text(Path(run_dir) / ROWS_DIR / f"{target}.jsonl", text)
