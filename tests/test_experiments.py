@@ -88,7 +88,8 @@ JOURNAL = {
     "journal-hs-ether-prefvec-v3-orth": ("prefvec", "ether", "v3", [13, 14]),
     "journal-hs-ether-prefvec-v3-angle": ("prefvec", "ether", "v3", [13, 14]),
 }
-OTHER_EXPERIMENTS = {"cpu_comparison", "_journal_shared"}  # a sweep; the journal runs' shared settings (not an option)
+# sweeps (genies_benchmark: tests/test_genies_benchmark.py); the journal runs' shared settings (not an option)
+OTHER_EXPERIMENTS = {"cpu_comparison", "genies_benchmark", "_journal_shared"}
 
 
 def test_every_experiment_file_is_tested():

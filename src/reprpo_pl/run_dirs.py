@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reprpo_pl.errors import EXIT_NON_FINITE, EXIT_USER_ERROR, NonFiniteError, Preempted, UserError
+from reprpo_pl.validation import check_benchmark_run
 
 log = logging.getLogger(__name__)
 BOOKKEEPING = {".hydra", "train.log", "eval.log"}
@@ -136,6 +137,7 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(str(config.hydra.run.dir))  # ${now:} is cached: the dir run_job will use
         try:
+            check_benchmark_run(config)  # else plan_run fails resolving the dataset that benchmark.run picks
             plan_run(run_dir, task_config(config), bool(config.get("skip_finished")))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)

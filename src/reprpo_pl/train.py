@@ -29,7 +29,7 @@ from reprpo_pl.eval.callback import ShiftEvalCallback
 from reprpo_pl.hparams import TrialPruned
 from reprpo_pl.progress import quiet_third_party
 from reprpo_pl.run_dirs import plan_run
-from reprpo_pl.validation import validate_train_config
+from reprpo_pl.validation import check_benchmark_run, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
     """Train in ``run_dir`` as `plan_run` says (a single run and a grid's jobs were already checked
     before Hydra wrote there, by `RunDirGuard`): skip a finished run of the same settings, resume a
     killed one, refuse another's."""
+    check_benchmark_run(cfg)  # before plan_run resolves the dataset it interpolates
     plan = plan_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.skip_finished), sweep=multirun)
     if plan.action == "skip":
         log.info(f"skipped: finished ({run_dir / 'results.json'})")

@@ -222,6 +222,20 @@ def _hydra_group_options(group: str) -> list[str]:
         return []
 
 
+def check_benchmark_run(cfg: DictConfig) -> None:
+    """``benchmark.run`` (conf/experiment/genies_benchmark.yaml) names one of ``benchmark.runs``, the entry the
+    job's ``dataset`` interpolates; checked before anything resolves the config (the run dir's plan does)."""
+    benchmark = cfg.get("benchmark")
+    if benchmark is None:
+        return
+    run, runs = benchmark.get("run"), list(benchmark.get("runs") or {})
+    if run not in runs:
+        close = difflib.get_close_matches(str(run), runs, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"benchmark.run={run!r} is not one of the {len(runs)} entries of benchmark.runs: {hint}"
+                        f"use <source>__<target> or target_tuned__<target>, e.g. {runs[0] if runs else '…'}")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """All start-of-run checks of ``python -m reprpo_pl.train``; cheap, and before any data or model loads."""
     from hydra.core.hydra_config import HydraConfig
