@@ -4,6 +4,8 @@ preference pairs."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Sequence
 
 import pytest
@@ -15,6 +17,10 @@ from omegaconf import DictConfig
 import reprpo_pl.config  # noqa: F401  (registers the resolvers the configs use, e.g. ${precision:})
 from reprpo_pl.models.loading import SMOLLM2_GGUF, add_lora, convert_gguf
 from reprpo_pl.models.tiny import tiny_llama
+
+# base-model scores cached by the tests stay in a temporary folder of this session (and reach the CLI subprocesses),
+# not in the user's ~/.cache; a test that needs its own cache sets REPRPO_SCORE_CACHE itself
+os.environ.setdefault("REPRPO_SCORE_CACHE", tempfile.mkdtemp(prefix="reprpo-score-cache-"))
 
 # Tiny-model ops are dominated by threading overhead on a 2-core box: one thread is ~10x faster.
 # Tests that run the real model in-process raise this themselves; CLI subprocesses are unaffected.

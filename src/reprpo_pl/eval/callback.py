@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import NonFiniteError
+from reprpo_pl.eval.base_cache import BaseScoreCache, open_base_cache
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
 from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_per_row, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
@@ -19,17 +20,27 @@ from reprpo_pl.eval.scorer import RowScores, score_pairs
 log = logging.getLogger(__name__)
 
 
-def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None
-                     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None,
+                     disk_cache: BaseScoreCache | None = None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Score base and adapter on each target's eval set. ``base_cache`` (target → base scores) skips
-    the base pass for targets already scored: the base model never changes during training.
+    the base pass for targets already scored: the base model never changes during training. ``disk_cache``
+    does the same across runs: a target's base scores are read from it when present, written to it when not.
 
     Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`)."""
     base_cache = {} if base_cache is None else base_cache
     rows, per_row = [], {}
     for target in datamodule.targets:
+        key = None
+        if target.name not in base_cache and disk_cache is not None:
+            key = disk_cache.key(datamodule.eval_sets[target.name])
+            cached = disk_cache.load(key, len(datamodule.eval_sets[target.name]))
+            if cached is not None:
+                log.info("eval %s: base scores from cache (%s)", target.name, disk_cache.path(key))
+                base_cache[target.name] = cached
         scores = score_pairs(model, datamodule.eval_dataloader(target.name), with_base=target.name not in base_cache,
                              desc=f"eval {target.name}")
+        if key is not None and "base" in scores:
+            disk_cache.save(key, scores["base"])
         base = base_cache.setdefault(target.name, scores.get("base"))
         rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"]),
                      **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
@@ -90,6 +101,7 @@ class ShiftEvalCallback(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.write = write
         self.base_cache: dict[str, RowScores] = {}
+        self.disk_cache: BaseScoreCache | None = None  # base scores of earlier runs ($REPRPO_SCORE_CACHE)
         self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
         self.per_row: dict[str, list[dict[str, Any]]] = {}  # target → per-pair records of the last evaluation
         self.results: dict[str, Any] | None = None
@@ -116,8 +128,11 @@ class ShiftEvalCallback(L.Callback):
         if self.last is not None and self.last[0] == trainer.global_step:
             return self.last[1]
         started = time.perf_counter()
+        if self.disk_cache is None and not self.base_cache:  # before the first base pass: scores of earlier runs
+            self.disk_cache = open_base_cache(pl_module.model, pl_module.cfg.trainer.precision,
+                                              trainer.datamodule.eval_batch_size, trainer.datamodule.tokenizer.pad_token_id)
         with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
-            targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache)
+            targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache, self.disk_cache)
         self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +32,7 @@ from reprpo_pl.eval.adapter_export import (
     TRAINER_STATE,
     load_adapter_state,
 )
+from reprpo_pl.eval.base_cache import open_base_cache
 from reprpo_pl.eval.callback import build_results, evaluate_targets
 from reprpo_pl.eval.results import write_per_row, write_results
 from reprpo_pl.methods.base import saved_state_mismatch
@@ -235,9 +237,11 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("validate")
     log.info("evaluating %s (step %s) on %d targets of %s", ckpt, global_step, len(datamodule.targets), dataset.source)
+    started = time.perf_counter()
+    disk_cache = open_base_cache(module.model, cfg.trainer.precision, datamodule.eval_batch_size, module.tokenizer.pad_token_id)
     with precision_context(cfg.trainer.precision, module.device):  # the precision the run trained (and was scored) in
-        targets, per_row = evaluate_targets(module.model, datamodule)
-    results = build_results(cfg, targets, global_step=global_step)
+        targets, per_row = evaluate_targets(module.model, datamodule, disk_cache=disk_cache)
+    results = build_results(cfg, targets, global_step=global_step, timing={"eval_s": round(time.perf_counter() - started, 1)})
     # `dataset` stays the training source (what the adapter learned); `evaluated_on` names the table used
     results.update(dataset=trained.dataset.source, evaluated_on=dataset.source, checkpoint=str(ckpt.resolve()))
     write_per_row(out_dir, per_row)
