@@ -211,3 +211,38 @@ def test_report_shows_coherence_beside_accuracy_and_marks_incoherent_cells(tmp_p
     assert not any(INCOHERENT in line for line in lines if line.startswith("| innerdpo | "))
     per_target = next(line for line in lines if line.startswith("| change_my_view | cross_domain |"))
     assert per_target.count(INCOHERENT) == 1  # dpo's cell, not base's or innerdpo's
+
+
+def test_paired_bootstrap_interval():
+    from reprpo_pl.report import paired_bootstrap
+
+    assert paired_bootstrap([np.ones(30)]) == (1.0, 1.0, 1.0, 30)  # every pair flipped to correct: no spread
+    rng = np.random.default_rng(1)
+    d = rng.choice([-1.0, 0.0, 1.0], size=2000, p=[0.2, 0.5, 0.3])
+    estimate, low, high, n = paired_bootstrap([d])
+    half = stats.norm.ppf(0.975) * d.std(ddof=1) / np.sqrt(len(d))  # the normal approximation at this n
+    assert n == 2000 and estimate == pytest.approx(d.mean()) and (high - low) / 2 == pytest.approx(half, rel=0.15)
+    assert paired_bootstrap([d]) == (estimate, low, high, n)  # a fixed seed: the report is reproducible
+    assert paired_bootstrap([d, np.ones(10)])[0] == pytest.approx((d.mean() + 1) / 2)  # mean over run × target
+
+
+def test_report_bootstraps_groups_with_few_seeds(sweep):
+    """The 1-seed group gets paired bootstrap CIs of acc_delta from its eval/<target>.jsonl; 3-seed groups do not."""
+    import torch
+
+    from reprpo_pl.eval.results import per_row_records, write_per_row
+    from reprpo_pl.eval.scorer import RowScores
+
+    root, _ = sweep
+    single = root / "solo"
+    doc = fake_results("projgrad", 1, {t: 0.5 for t, _ in TARGETS})
+    write(single, doc)
+    ones = torch.ones(4)
+    base = RowScores(torch.tensor([-1.0, -3.0, -3.0, -3.0]), torch.full((4,), -2.0), ones, ones)  # 1 of 4 correct
+    adapter = RowScores(torch.tensor([-1.0, -1.0, -1.0, -3.0]), torch.full((4,), -2.0), ones, ones)  # 3 of 4
+    write_per_row(single, {t: per_row_records([f"{t}/test/{i}" for i in range(4)], base, adapter) for t, _ in TARGETS})
+    md = report([root]).read_text()
+    table = md.split("### acc_delta per shift type: paired bootstrap 95% CI over pairs")[1].split("###")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| projgrad | "))
+    assert row.startswith("| projgrad | 0.500 [") and "(n=8 pairs)" in row  # cross_domain: two targets of 4 pairs
+    assert "| dpo |" not in table and "| innerdpo/ether |" not in table  # 3 seeds: Student t over seeds suffices

@@ -5,6 +5,7 @@
 Writes report.md (per-shift table with the coherence table beside it, objective, per-target table) and
 report.png (bar chart with CI error bars) into --out (default: the first input dir) and prints the per-shift
 tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent.
+Groups with fewer than 3 seeds also get paired bootstrap CIs of acc_delta over the pairs of their eval/<target>.jsonl.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from scipy import stats
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
-from reprpo_pl.eval.results import INCOHERENT, atomic_write_text, coherence_limit_of, markdown_table
+from reprpo_pl.eval.results import INCOHERENT, ROWS_DIR, atomic_write_text, coherence_limit_of, markdown_table
 
 COHERENCE = "log_ppl_chosen_delta"  # shown beside every accuracy table; a cell over eval.coherence_limit is marked
 METRICS = ("acc", "acc_delta", "acc_gain_vs_ref", COHERENCE, "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
@@ -107,6 +108,38 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
         return float(x[0]), math.nan, 1
     half = stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
     return float(x.mean()), float(half), n
+
+
+FEW_SEEDS = 3  # a group with fewer runs also gets paired bootstrap CIs over its pairs (eval/<target>.jsonl)
+N_RESAMPLES = 2000
+
+
+def pair_differences(path: Path) -> np.ndarray | None:
+    """``[N]`` adapter − base correctness (−1, 0 or 1) of each pair of a per-row file (``eval/<target>.jsonl``:
+    correct = the per-token mean log-prob of chosen beats rejected's), or None when it is missing or unreadable."""
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        correct = {role: np.array([r[f"{role}_logp_chosen"] / r[f"{role}_n_chosen"] > r[f"{role}_logp_rejected"] / r[f"{role}_n_rejected"]
+                                   for r in records], dtype=float) for role in ("base", "adapter")}
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return correct["adapter"] - correct["base"] if records else None
+
+
+def paired_bootstrap(differences: Sequence[np.ndarray], confidence: float = 0.95, n_resamples: int = N_RESAMPLES,
+                     seed: int = 0) -> tuple[float, float, float, int]:
+    """``(estimate, low, high, n pairs)``: the mean over ``differences`` (one ``[N_i]`` array of paired adapter − base
+    correctness per run × target) of their means, and its percentile interval from ``n_resamples`` resamples of
+    each array's pairs with replacement. It measures the spread due to which pairs were drawn, not seed variance."""
+    rng = np.random.default_rng(seed)
+    estimate = float(np.mean([d.mean() for d in differences]))
+    resampled = np.mean([d[rng.integers(0, len(d), (n_resamples, len(d)))].mean(axis=1) for d in differences], axis=0)
+    low, high = np.quantile(resampled, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return estimate, float(low), float(high), sum(len(d) for d in differences)
+
+
+def fmt_interval(estimate: float, low: float, high: float, n: int) -> str:
+    return f"{estimate:.3f} [{low:.3f}, {high:.3f}] (n={n} pairs)"
 
 
 def fmt_cell(mean: float, half: float, n: int) -> str:
@@ -201,6 +234,22 @@ class Section:
         return out
 
 
+    def bootstrap_stats(self, confidence: float) -> dict[str, dict[str, tuple[float, float, float, int] | None]]:
+        """``{row label: {shift: paired_bootstrap(...) or None}}`` of ``acc_delta`` for the groups with fewer than
+        `FEW_SEEDS` runs, from their per-row files (None where a run lacks one)."""
+        out: dict[str, dict[str, tuple[float, float, float, int] | None]] = {}
+        for label, runs in self.groups.items():
+            if len(runs) >= FEW_SEEDS:
+                continue
+            out[label] = {}
+            for shift in self.shifts:
+                found = [pair_differences(Path(r["_path"]) / ROWS_DIR / f"{t['target']}.jsonl")
+                         for r in runs for t in r["targets"] if t["shift"] == shift]
+                ok = bool(found) and all(d is not None for d in found)
+                out[label][shift] = paired_bootstrap(found, confidence) if ok else None
+        return out
+
+
 def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
     by: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
@@ -232,6 +281,17 @@ def shift_tables(section: Section, metric: str, confidence: float) -> list[str]:
     return lines
 
 
+def bootstrap_table(section: Section, confidence: float) -> list[str]:
+    """Markdown lines: `Section.bootstrap_stats` as a table, or nothing when no group has few seeds and per-row files."""
+    stats_ = section.bootstrap_stats(confidence)
+    if not any(cell is not None for cells in stats_.values() for cell in cells.values()):
+        return []
+    rows = [[label, *("–" if cells[s] is None else fmt_interval(*cells[s]) for s in section.shifts)] for label, cells in stats_.items()]
+    return [f"### acc_delta per shift type: paired bootstrap {confidence:.0%} CI over pairs (groups with fewer than "
+            f"{FEW_SEEDS} seeds; {N_RESAMPLES} resamples of eval/<target>.jsonl; pair sampling only, not seed variance)", "",
+            markdown_table(["adapter", *section.shifts], rows), ""]
+
+
 def render_report(sections: Sequence[Section], metric: str, confidence: float, n_skipped: int) -> str:
     pct = f"{confidence:.0%}"
     n_runs = sum(len(s.runs) for s in sections)
@@ -239,7 +299,7 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
              f"{n_runs} runs; cells are mean ± {pct} CI half-width (Student t over seeds), n = runs. "
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section in sections:
-        lines += [f"## {section.title}", "", *shift_tables(section, metric, confidence)]
+        lines += [f"## {section.title}", "", *shift_tables(section, metric, confidence), *bootstrap_table(section, confidence)]
         rows = []
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
