@@ -50,6 +50,12 @@ def test_a_target_selects_its_split():
         _load(*split_target_name("toy@test_hard"))  # GENIES has no test_hard
 
 
+def test_the_in_sample_row_is_not_a_target():
+    cfg = {"source": "math", "targets": [{"name": "math", "shift": "in_domain"}, {"name": "math@train", "shift": "cross_domain"}]}
+    with pytest.raises(UserError, match=r"dataset.targets lists math@train, the in-sample row every run scores already: drop it"):
+        parse_shift_table(OmegaConf.create(cfg))
+
+
 def test_n_is_a_seeded_subset():
     full = _load("ethics/utilitarianism")
     picked = [_load("ethics/utilitarianism", n=2, seed=seed)["id"] for seed in range(8)]

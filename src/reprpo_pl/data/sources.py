@@ -143,6 +143,8 @@ def parse_shift_table(dataset_cfg: Mapping[str, Any]) -> list[Target]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"dataset.targets lists {', '.join(repeated)} more than once: keep one entry per target")
+    if f"{source}@train" in names:
+        raise UserError(f"dataset.targets lists {source}@train, the in-sample row every run scores already: drop it")
     in_domain = [target for target in targets if target.shift == "in_domain"]
     if [target.name for target in in_domain] != [source]:
         raise UserError(
