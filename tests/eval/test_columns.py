@@ -54,14 +54,30 @@ def test_results_md_marks_incoherent_cells_next_to_accuracy():
     assert INCOHERENT + " |" not in render_markdown(results_doc({"math@train": -0.5, "math": 0.3, "cmv": 2.5}, limit=3.0))
 
 
-def test_in_sample_row_is_training_pairs():
-    cfg = compose_train([*TINY_TRAIN, "data.n_train=6", "eval.n_samples=4"])
+def in_sample(tokenizer, *overrides: str) -> PreferenceDataModule:
+    cfg = compose_train([*TINY_TRAIN, *overrides])
     datamodule = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
+    datamodule.tokenizer = tokenizer
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_in_sample_row_is_training_pairs(tokenizer):
+    datamodule = in_sample(tokenizer, "data.n_train=12", "eval.n_samples=4", "data.max_length=512")
     first = datamodule.targets[0]
     assert (first.name, first.shift) == ("math@train", "train")
-    assert [t.name for t in datamodule.targets[1:]] == [t["name"] for t in cfg.dataset.targets]
-    rows = datamodule.eval_text["math@train"]
-    assert len(rows) == 4 and set(rows["id"]) <= set(datamodule.train_text["id"])
-    assert all(i.startswith("math/train/") for i in rows["id"])
-    few = compose_train([*TINY_TRAIN, "data.n_train=3", "eval.n_samples=4"])  # fewer training pairs: all of them
-    assert len(PreferenceDataModule(few.data, few.dataset, few.eval).eval_text["math@train"]) == 3
+    assert [t.name for t in datamodule.targets[1:]] == [t["name"] for t in compose_train(TINY_TRAIN).dataset.targets]
+    ids = datamodule.row_ids("math@train")
+    trained = [datamodule.train_text["id"][i] for i in datamodule.train_set["index"]]
+    assert len(ids) == 4 and set(ids) <= set(trained) and all(i.startswith("math/train/") for i in ids)
+    assert len(in_sample(tokenizer, "data.n_train=3", "eval.n_samples=4", "data.max_length=512").row_ids("math@train")) == 3
+
+
+def test_in_sample_row_takes_pairs_that_survive_tokenisation(tokenizer):
+    """At max_length 64 most math training pairs are cut to nothing; the in-sample row takes the survivors."""
+    datamodule = in_sample(tokenizer, "data.n_train=16", "eval.n_samples=2", "data.max_length=64", "data.max_prompt_length=48")
+    survivors = [datamodule.train_text["id"][i] for i in datamodule.train_set["index"]]
+    assert 0 < len(survivors) < 16, "the setting no longer drops training pairs: pick a shorter max_length"
+    ids = datamodule.row_ids("math@train")
+    assert len(ids) == min(2, len(survivors)) and set(ids) <= set(survivors)
+    assert datamodule.eval_counts["math@train"]["n_dropped"] == 0

@@ -31,7 +31,7 @@ def in_sample_target(source: str) -> Target:
 
 
 def in_sample_rows(train: Dataset, n: int, seed: int) -> Dataset:
-    """``n`` of the training pairs (all if fewer), picked by ``seed`` and kept in file order."""
+    """``n`` of the (tokenised) training pairs ``train`` (all if fewer), picked by ``seed`` and kept in file order."""
     if n >= len(train):
         return train
     rows = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
@@ -108,10 +108,10 @@ class PreferenceDataModule(L.LightningDataModule):
             raise
         # evaluation rows are fixed by eval.seed, not the run's seed, so every run scores the same pairs
         table, self.eval_text = load_targets(table, missing, n=n_eval, seed=eval.get("seed", 0), **roots)
-        # the in-sample row first (the journal's first column): eval.n_samples of the pairs this run trains on
-        train_target = in_sample_target(self.source)
-        self.eval_text = {train_target.name: in_sample_rows(self.train_text, n_eval, eval.get("seed", 0)), **self.eval_text}
-        self.targets: list[Target] = [train_target, *table]
+        # the in-sample row first (the journal's first column): eval.n_samples of the pairs this run trains on,
+        # picked in `setup` among those that survive tokenisation
+        self.targets: list[Target] = [in_sample_target(self.source), *table]
+        self.n_eval, self.eval_seed = n_eval, eval.get("seed", 0)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
         self.train_set: Dataset | None = None
@@ -124,6 +124,10 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self.train_set, _ = self._tokenize(self.train_text, f"{self.source}/train")
+        train_target = in_sample_target(self.source)
+        if train_target in self.targets:
+            kept = in_sample_rows(self.train_set, self.n_eval, self.eval_seed)["index"]
+            self.eval_text = {train_target.name: self.train_text.select(list(kept)), **self.eval_text}
         for name, text in self.eval_text.items():
             self.eval_sets[name], self.eval_counts[name] = self._tokenize(text, name if "@" in name else f"{name}/test")
 
