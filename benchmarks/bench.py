@@ -4,13 +4,17 @@
     python benchmarks/bench.py --reps 4        # each half of the pairs twice: steadier medians
     python benchmarks/bench.py --reps 1 --no-epoch2 --systems trl,dpo   # quicker
 
-Settings (all three systems): SmolLM2-135M-Instruct fp32 on CPU, LoRA r=16 (alpha 16, rsLoRA,
+Settings (every training system): SmolLM2-135M-Instruct on CPU, LoRA r=16 (alpha 16, rsLoRA,
 dropout 0) on every linear layer but lm_head, batch of 4 pairs, max_length 256 (prompt ≤ 160),
 the same 32 GENIES pairs of the embedded math train set, tokenised once by our pipeline (chat
 template) and fed in the same fixed order to every system, AdamW lr 6e-5, gradient clip 10, no
 gradient checkpointing, ``--threads`` torch threads, ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads that
 spin while waiting make a 2-core machine shared with other jobs 2-3× slower and erratic; passive
 waiting costs little when the machine is idle and is the same for every system).
+
+Precision: our systems run at the run's default (``${precision:}``: bf16-mixed on a CPU with AVX512-BF16/AMX,
+else 32-true; ``dpo_fp32`` forces 32-true); TRL runs twice, ``trl`` in fp32 and ``trl_bf16`` with ``bf16=True``
+(HF's CPU autocast), and the faster of the two is "TRL best", the baseline of every ratio.
 
 - TRL: ``trl.DPOTrainer`` with a peft_config (reference = disabled adapter, one concatenated forward,
   TRL's fused LM head), driven by its own training loop; the only override skips its tokenisation
@@ -34,6 +38,17 @@ seen by all systems alike. ``--interleave step`` goes further: the repetition's 
 loaded side by side and take turns one step at a time (needs the memory of all three at once).
 With the reference cache on, our systems go on into a second epoch over the same pairs, and
 ``epoch2_over_epoch1`` is the median step time of epoch 2 over epoch 1 on the same batches.
+
+Against the machine's limit: ``gemm`` times ``torch.matmul`` at the model's linear shapes in fp32 and bf16 (the
+``--threads`` threads) and takes the best rate per dtype as the peak; each training system's model FLOPs per
+second, counted from each step's real tokens T (prompt + chosen and prompt + rejected, no padding) as
+``(6·N + 2·N_lora)·T`` (forward of policy and reference 2·N·T each, backward 2·N·T for the frozen weights'
+input gradients, 2·N_lora·T for the adapter's weight gradients; N = the matmul weights, lm_head included), is
+reported as a fraction of its dtype's peak. The same count is used for every system (ours scores only
+completion positions against the vocabulary and encodes each prompt once, so it does less arithmetic than
+it is credited with: the fraction measures useful work per second, not kernel efficiency). ``eval`` scores
+base and adapter on the default run's targets (``eval.n_samples`` pairs each) under the run's precision and in
+fp32 (the pre-bf16 default), and reports pairs per second of each.
 
 Writes ``benchmarks/results/<date>-<machine>.json`` and prints a markdown table.
 """
@@ -59,7 +74,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SYSTEMS = ("trl", "dpo", "innerdpo")
+TRAINING = ("trl", "trl_bf16", "dpo", "innerdpo", "dpo_fp32")  # systems timed step by step
+SYSTEMS = (*TRAINING, "gemm", "eval")  # + the GEMM peak and evaluation throughput, each one measurement
+DEFAULT_SYSTEMS = ("trl", "trl_bf16", "dpo", "innerdpo", "gemm", "eval")
+TRL_SYSTEMS = ("trl", "trl_bf16")
 PROTOCOL_FD_ENV = "REPRPO_BENCH_FD"
 
 
@@ -68,7 +86,8 @@ PROTOCOL_FD_ENV = "REPRPO_BENCH_FD"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of trl, dpo, innerdpo")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma list of {', '.join(SYSTEMS)} (dpo_fp32: our dpo forced to 32-true)")
     p.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh processes (and the next slice of the pairs)")
     p.add_argument("--pairs", type=int, default=32, help="distinct training pairs, split into slices of (warmup + steps)·batch")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per repetition")
@@ -83,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--interleave", choices=("rep", "step"), default="rep",
                    help="rep: one subprocess at a time, order rotated per repetition; step: all loaded, one step each in turn")
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, profile one epoch-1 step per system (torch.profiler, own subprocess); tables in results/")
+    p.add_argument("--profile", default="dpo",
+                   help="comma list of training systems to profile afterwards, one epoch-1 step each (torch.profiler, own "
+                        "subprocess; tables in results/, top three costs in the JSON); '' = none")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--machine", default=platform.node() or "machine", help="machine name for the results file")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -158,15 +178,22 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="reprpo-bench-"))
     print(f"bench: {systems}, interleave={args.interleave}, child logs in {log_dir}", flush=True)
     children: list[Child] = []
+    training = [s for s in systems if s in TRAINING]
     try:
         for rep in range(args.reps):
-            run_repetition(args, rotate(systems, rep), rep, children, log_dir)
-        if args.profile:
-            for s in systems:
-                child = Child(s, 0, args, log_dir, profile=True)
-                while child.next_event()["event"] == "ready":
-                    child.step()  # not part of the results: only the profile table it writes
-                print(f"  profiled {s}: {child.final.get('profile')}", flush=True)
+            run_repetition(args, rotate(training, rep), rep, children, log_dir)
+        for s in (s for s in systems if s not in TRAINING):  # one measurement each, after the training systems
+            child = Child(s, 0, args, log_dir)
+            children.append(child)
+            while child.next_event()["event"] == "ready":
+                child.step()
+            print(f"  {s}: {child.final.get('summary')}", flush=True)
+        for s in (s for s in args.profile.split(",") if s in training):
+            child = Child(s, 0, args, log_dir, profile=True)
+            children.append(child)
+            while child.next_event()["event"] == "ready":
+                child.step()  # not part of the timings: only the profile it writes and its top costs
+            print(f"  profiled {s}: {child.final.get('profile')}", flush=True)
     finally:
         for child in children:
             if child.proc.poll() is None:
@@ -217,9 +244,11 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
         "machine": args.machine,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_bf16": native_bf16(),
         "versions": versions(),
         "settings": {
-            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "device": "cpu", "dtype": "float32",
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", "device": "cpu",
+            "precision": "ours: the run's default (${precision:}); dpo_fp32: 32-true; trl: fp32; trl_bf16: bf16=True",
             "lora": {"r": args.lora_r, "alpha": 16, "rslora": True, "dropout": 0.0, "targets": "all-linear"},
             "batch_pairs": args.batch_size, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
             "pairs": args.pairs, "repetitions": args.reps, "pairs_per_rep": per_epoch * args.batch_size, "data": "embedded GENIES math/train, our tokenisation (chat template)",
@@ -228,23 +257,28 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
             "gradient_checkpointing": False, "interleave": args.interleave,
             "memory": "peak RSS = ru_maxrss of each system's own subprocess (whole process: libraries, model, data)",
             "innerdpo": "collection hs, layers 0.5:-2, transform ether, loss innerdpo defaults",
+            "model_flops": "(6·N + 2·N_lora)·T per step, T = real tokens of prompt+chosen and prompt+rejected",
         },
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "wall_seconds": round(wall, 1),
         "systems": {},
     }
-    for s in systems:
+    finals_of = {s: [c.final for c in children if c.system == s and c.final and "--profile-only" not in c.proc.args]
+                 for s in systems}
+    gemm = (finals_of.get("gemm") or [{}])[0].get("summary")
+    for s in (s for s in systems if s in TRAINING):
         runs = [c for c in children if c.system == s and "--profile-only" not in c.proc.args]
         steps = [m for c in runs for m in c.steps]
-        epoch1 = [m["seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
-        epoch1_cpu = [m["cpu_seconds"] for m in steps if m["epoch"] == 0 and m["timed"]]
-        timed = {(m["rep"], m["position"]) for m in steps if m["epoch"] == 0 and m["timed"]}
+        timed1 = [m for m in steps if m["epoch"] == 0 and m["timed"]]
+        epoch1, epoch1_cpu = [m["seconds"] for m in timed1], [m["cpu_seconds"] for m in timed1]
+        timed = {(m["rep"], m["position"]) for m in timed1}
         epoch2 = [m["seconds"] for m in steps if m["epoch"] == 1 and (m["rep"], m["position"]) in timed]
         epoch2_cpu = [m["cpu_seconds"] for m in steps if m["epoch"] == 1 and (m["rep"], m["position"]) in timed]
         median = median_or_none(epoch1)
-        finals = [c.final for c in runs if c.final]
+        finals = finals_of[s]
         entry = {
+            "precision": finals[0].get("precision") if finals else None,
             "median_step_s": median,
             "pairs_per_s": args.batch_size / median if median else None,
             "median_step_cpu_s": median_or_none(epoch1_cpu),
@@ -253,46 +287,77 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
             "peak_rss_gb_per_rep": [f["peak_rss_gb"] for f in finals],
             "step_s": [round(m["seconds"], 3) for m in steps],
             "step_cpu_s": [round(m["cpu_seconds"], 3) for m in steps],
+            "step_tokens": [m.get("tokens") for m in steps],
             "step_rep": [m["rep"] for m in steps],
             "step_epoch": [m["epoch"] for m in steps],
             "step_timed": [m["timed"] for m in steps],
             "step_loadavg_1min": [round(m["loadavg"][0], 2) for m in steps],
-            "ref_cache": [f.get("ref_cache") for f in finals] if s != "trl" else None,
+            "ref_cache": [f.get("ref_cache") for f in finals] if s not in TRL_SYSTEMS else None,
         }
+        if finals and timed1 and all(m.get("tokens") for m in timed1):
+            n, n_lora = finals[0]["matmul_params"], finals[0]["lora_params"]
+            rates = [(6 * n + 2 * n_lora) * m["tokens"] / m["seconds"] for m in timed1]
+            entry["model_flops_per_s"] = statistics.median(rates)
+            dtype = "bf16" if str(entry["precision"]).startswith("bf16") else "fp32"
+            if gemm and gemm.get(f"peak_{dtype}_flops_per_s"):
+                entry["peak_fraction"] = entry["model_flops_per_s"] / gemm[f"peak_{dtype}_flops_per_s"]
+                entry["peak_dtype"] = dtype
         if epoch2:
             entry["epoch2_median_step_s"] = statistics.median(epoch2)
             entry["epoch2_over_epoch1"] = statistics.median(epoch2) / median
             entry["epoch2_median_step_cpu_s"] = statistics.median(epoch2_cpu)
             entry["epoch2_over_epoch1_cpu"] = statistics.median(epoch2_cpu) / entry["median_step_cpu_s"]
+        profiled = [c.final for c in children if c.system == s and c.final and "--profile-only" in c.proc.args]
+        if profiled:
+            entry["profile"], entry["top_costs"] = profiled[0].get("profile"), profiled[0].get("top_costs")
         out["systems"][s] = entry
     sys_ = out["systems"]
+    out["gemm"] = gemm
+    out["eval"] = (finals_of.get("eval") or [{}])[0].get("summary")
+    trl = [s for s in TRL_SYSTEMS if sys_.get(s, {}).get("median_step_s")]
+    best = min(trl, key=lambda s: sys_[s]["median_step_s"]) if trl else None
+    out["trl_best"] = best
 
-    def ratio(a: str, b: str, key: str = "median_step_s") -> float | None:
+    def ratio(a: str | None, b: str | None, key: str = "median_step_s") -> float | None:
         if a in sys_ and b in sys_ and sys_[a].get(key) and sys_[b].get(key):
             return sys_[a][key] / sys_[b][key]
         return None
 
-    out["dpo_vs_trl"] = ratio("dpo", "trl")
+    out["dpo_vs_trl_best"] = ratio("dpo", best)
     out["innerdpo_vs_dpo"] = ratio("innerdpo", "dpo")
-    out["innerdpo_vs_trl"] = ratio("innerdpo", "trl")
+    out["innerdpo_vs_trl_best"] = ratio("innerdpo", best)
+    out["dpo_vs_dpo_fp32"] = ratio("dpo", "dpo_fp32")
+    out["trl_bf16_vs_trl"] = ratio("trl_bf16", "trl")
     # process CPU time per step (all threads): less sensitive than wall time to other jobs on a shared machine
-    out["dpo_vs_trl_cpu"] = ratio("dpo", "trl", "median_step_cpu_s")
+    out["dpo_vs_trl_best_cpu"] = ratio("dpo", best, "median_step_cpu_s")
     out["innerdpo_vs_dpo_cpu"] = ratio("innerdpo", "dpo", "median_step_cpu_s")
-    out["memory_dpo_vs_trl"] = ratio("dpo", "trl", "peak_rss_gb")
-    out["memory_innerdpo_vs_trl"] = ratio("innerdpo", "trl", "peak_rss_gb")
-    out["epoch2_over_epoch1"] = {s: sys_[s].get("epoch2_over_epoch1") for s in systems if s != "trl"}
-    peak_ok = [out[k] <= 1.0 for k in ("memory_dpo_vs_trl", "memory_innerdpo_vs_trl") if out[k] is not None]
+    out["rss_vs_trl"] = ratio("dpo", best, "peak_rss_gb")
+    out["innerdpo_rss_vs_trl"] = ratio("innerdpo", best, "peak_rss_gb")
+    out["epoch2_vs_epoch1"] = sys_.get("dpo", {}).get("epoch2_over_epoch1")
+    out["epoch2_over_epoch1"] = {s: sys_[s].get("epoch2_over_epoch1") for s in sys_ if s not in TRL_SYSTEMS}
+    out["dpo_peak_fraction"] = sys_.get("dpo", {}).get("peak_fraction")
+    out["eval_pairs_per_s"] = (out["eval"] or {}).get("pairs_per_s")
+    out["eval_pairs_per_s_fp32"] = (out["eval"] or {}).get("pairs_per_s_fp32")
+    out["eval_speedup_vs_fp32"] = (out["eval"] or {}).get("speedup_vs_fp32")
+
+    def within(key: str, limit: float, above: bool = False) -> bool | None:
+        value = out.get(key)
+        return None if value is None else (value >= limit if above else value <= limit)
+
     out["targets"] = {
-        "dpo_vs_trl <= 0.75": None if out["dpo_vs_trl"] is None else out["dpo_vs_trl"] <= 0.75,
-        "innerdpo_vs_dpo <= 1.15": None if out["innerdpo_vs_dpo"] is None else out["innerdpo_vs_dpo"] <= 1.15,
-        "peak memory <= trl": all(peak_ok) if peak_ok else None,
+        "dpo_vs_trl_best <= 0.30": within("dpo_vs_trl_best", 0.30),
+        "innerdpo_vs_dpo <= 1.10": within("innerdpo_vs_dpo", 1.10),
+        "epoch2_vs_epoch1 <= 0.70": within("epoch2_vs_epoch1", 0.70),
+        "rss_vs_trl <= 0.70": within("rss_vs_trl", 0.70),
+        "dpo_peak_fraction >= 0.35": within("dpo_peak_fraction", 0.35, above=True),
+        "eval_speedup_vs_fp32 >= 2": within("eval_speedup_vs_fp32", 2.0, above=True),
     }
     return out
 
 
 def table(result: dict[str, Any]) -> str:
     sys_ = result["systems"]
-    base = sys_.get("trl", {})
+    base = sys_.get(result.get("trl_best") or "", {})
 
     def x(value: float | None, ref: float | None) -> str:
         return f"{value / ref:.2f}×" if value and ref else "–"
@@ -301,21 +366,33 @@ def table(result: dict[str, Any]) -> str:
         return format(value, fmt) if value is not None else "–"
 
     lines = [
-        "| system | s/step (median) | × TRL | pairs/s | × TRL | CPU s/step | × TRL | peak RSS (GB) | × TRL | epoch-2 s/step | epoch 2 / epoch 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| system | precision | s/step (median) | × TRL best ({result.get('trl_best')}) | pairs/s | CPU s/step | peak RSS (GB) "
+        "| × TRL best | model GFLOP/s | of peak | epoch-2 s/step | epoch 2 / epoch 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in sys_.items():
+        flops = s.get("model_flops_per_s")
         lines.append(
-            f"| {name} | {f(s['median_step_s'], '.2f')} | {x(s['median_step_s'], base.get('median_step_s'))} "
-            f"| {f(s['pairs_per_s'], '.3f')} | {x(s['pairs_per_s'], base.get('pairs_per_s'))} "
-            f"| {f(s['median_step_cpu_s'], '.1f')} | {x(s['median_step_cpu_s'], base.get('median_step_cpu_s'))} "
+            f"| {name} | {s.get('precision')} | {f(s['median_step_s'], '.2f')} | {x(s['median_step_s'], base.get('median_step_s'))} "
+            f"| {f(s['pairs_per_s'], '.3f')} | {f(s['median_step_cpu_s'], '.1f')} "
             f"| {f(s['peak_rss_gb'], '.2f')} | {x(s['peak_rss_gb'], base.get('peak_rss_gb'))} "
+            f"| {f(flops / 1e9 if flops else None, '.1f')} | {f(s.get('peak_fraction'), '.2f')} "
             f"| {f(s.get('epoch2_median_step_s'), '.2f')} | {f(s.get('epoch2_over_epoch1'), '.2f')} |"
         )
-    ratios = ", ".join(f"{k} = {result[k]:.3f}" for k in ("dpo_vs_trl", "innerdpo_vs_dpo", "dpo_vs_trl_cpu", "innerdpo_vs_dpo_cpu")
-                       if result.get(k) is not None)
+    keys = ("dpo_vs_trl_best", "innerdpo_vs_dpo", "epoch2_vs_epoch1", "rss_vs_trl", "dpo_peak_fraction",
+            "eval_pairs_per_s", "eval_pairs_per_s_fp32", "dpo_vs_trl_best_cpu", "innerdpo_vs_dpo_cpu")
+    ratios = ", ".join(f"{k} = {result[k]:.3f}" for k in keys if result.get(k) is not None)
+    gemm = result.get("gemm") or {}
+    peaks = ", ".join(f"{d} {gemm[f'peak_{d}_flops_per_s'] / 1e9:.0f}" for d in ("fp32", "bf16") if gemm.get(f"peak_{d}_flops_per_s"))
     load = f"load average {result['loadavg_start'][0]:.2f} → {result['loadavg_end'][0]:.2f} (1 min)"
-    return "\n".join(lines) + f"\n\n{ratios}; {load}; {result['cpu']}, {result['settings']['threads']} threads"
+    return ("\n".join(lines) + f"\n\n{ratios}\nGEMM peak GFLOP/s: {peaks or '–'}; {load}; {result['cpu']}, "
+            f"{result['settings']['threads']} threads")
+
+
+def native_bf16() -> bool:
+    from reprpo_pl.models.precision import BF16_CPU_FLAGS, cpu_flags
+
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
 def cpu_name() -> str:
@@ -363,8 +440,10 @@ class Gate:
 
     def __init__(self, system: str, warmup: int, steps_per_epoch: int, total_steps: int, profile_to: Path | None = None):
         self.system, self.warmup, self.per_epoch, self.total = system, warmup, steps_per_epoch, total_steps
+        self.tokens: list[int] = []  # real tokens of each position's batch (`step_tokens`), set once the pairs are known
         self.profile_to = profile_to  # profile the last step (an epoch-1 step after the warm-up) into this file
         self.profiler = None
+        self.top_costs: list[str] = []  # the profiled step's three largest self-CPU operators
         self.out = os.fdopen(int(os.environ[PROTOCOL_FD_ENV]), "w", buffering=1)
         self.count = 0
         self.rss_before: float | None = None
@@ -398,16 +477,20 @@ class Gate:
             phases = "".join(f"{e.key}: {e.cpu_time_total / 1e6:.2f} s of the profiled {total:.2f} s\n"
                              for e in events if e.key.startswith("reprpo_pl."))
             table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:3]
+            self.top_costs = [f"{e.key}: {e.self_cpu_time_total / 1e6 / total:.0%} of self CPU time" for e in top]
             self.profile_to.write_text(f"{self.system}: one epoch-1 step (reference forward included), {seconds:.2f} s wall\n{phases}{table}")
             self.profiler = None
         epoch, position = divmod(self.count, self.per_epoch)
         self.send(event="step", system=self.system, step=self.count, epoch=epoch, position=position,
-                  timed=position >= self.warmup, seconds=seconds, cpu_seconds=cpu, loadavg=os.getloadavg())
+                  timed=position >= self.warmup, seconds=seconds, cpu_seconds=cpu, loadavg=os.getloadavg(),
+                  tokens=self.tokens[position] if position < len(self.tokens) else None)
         self.count += 1
 
     def done(self, **extra: Any) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
-        self.send(event="done", peak_rss_gb=round(peak, 3), rss_before_first_step_gb=round(self.rss_before or 0, 3), **extra)
+        self.send(event="done", peak_rss_gb=round(peak, 3), rss_before_first_step_gb=round(self.rss_before or 0, 3),
+                  top_costs=self.top_costs, **extra)
 
 
 def bench_config(system: str, args: argparse.Namespace, epochs: int):
@@ -415,7 +498,7 @@ def bench_config(system: str, args: argparse.Namespace, epochs: int):
 
     from reprpo_pl.config import CONF_MODULE
 
-    method = {"trl": "dpo"}.get(system, system)
+    method = {"trl": "dpo", "trl_bf16": "dpo", "dpo_fp32": "dpo"}.get(system, system)
     transform = ["transform=ether"] if method != "dpo" else []  # only ReprPO methods have a transform
     overrides = [
         f"method={method}", *transform, "model=smollm2_135m", "dataset=math",
@@ -424,6 +507,7 @@ def bench_config(system: str, args: argparse.Namespace, epochs: int):
         f"data.batch_size={args.batch_size}",
         f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
         "method.lr=6e-5", f"trainer.max_epochs={epochs}", "ref_cache.enabled=true",
+        *(["trainer.precision=32-true"] if system == "dpo_fp32" else []),
     ]
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -456,7 +540,7 @@ def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     os.dup2(2, 1)  # library prints go to the log, never into the protocol
     per_epoch = args.warmup + args.steps
-    epochs = 2 if args.epoch2 and args.child != "trl" else 1
+    epochs = 2 if args.epoch2 and args.child not in TRL_SYSTEMS else 1
     profile_to = None
     if args.profile_only:  # warm-up steps, then one profiled step; no second epoch
         epochs = 1
@@ -464,12 +548,89 @@ def run_child(args: argparse.Namespace) -> None:
         machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine)
         profile_to = args.out / f"{dt.date.today().isoformat()}-{machine}-profile-{args.child}.txt"
     gate = Gate(args.child, args.warmup, per_epoch, per_epoch * epochs, profile_to)
+    if args.child in ("gemm", "eval"):
+        cfg = bench_config("dpo", args, 1)
+        summary = gemm_peak(args.threads) if args.child == "gemm" else eval_throughput(cfg)
+        gate.done(summary=summary)
+        return
     cfg = bench_config(args.child, args, epochs)
-    if args.child == "trl":
-        extra = run_trl(cfg, args, gate, per_epoch)
+    if args.child in TRL_SYSTEMS:
+        extra = run_trl(cfg, args, gate, per_epoch, bf16=args.child == "trl_bf16")
     else:
         extra = run_ours(cfg, args, gate, epochs)
     gate.done(**extra, profile=str(profile_to) if profile_to else None)
+
+
+def step_tokens(train, batch_size: int) -> list[int]:
+    """Real tokens of each batch of ``train`` in order: per pair |prompt|+|chosen| + |prompt|+|rejected|."""
+    per_pair = [2 * len(p) + len(c) + len(r) for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"])]
+    return [sum(per_pair[i : i + batch_size]) for i in range(0, len(per_pair), batch_size)]
+
+
+def param_counts(model) -> dict[str, int]:
+    """``matmul_params``: weights of the frozen linear layers (lm_head included, LoRA excluded); ``lora_params``."""
+    from torch import nn
+
+    frozen = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and "lora_" not in name)
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return {"matmul_params": frozen, "lora_params": lora}
+
+
+def gemm_peak(threads: int) -> dict[str, Any]:
+    """Best ``torch.matmul`` rate per dtype over SmolLM2-135M's linear shapes (d 576, MLP 1536, kv 192, and the
+    vocabulary 49152) with M = 1024 rows (a step's tokens), each timed as the best of 5 runs after a warm-up."""
+    import torch
+
+    torch.set_num_threads(threads)
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+    rows, out = 1024, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rates = {}
+        for k, n in shapes:
+            a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            reps = max(1, int(2e9 // (2 * rows * k * n)))  # ~2 GFLOP per timing
+            torch.matmul(a, b)
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(reps):
+                    torch.matmul(a, b)
+                best = min(best, (time.perf_counter() - start) / reps)
+            rates[f"{rows}x{k}x{n}"] = 2 * rows * k * n / best
+        out[f"{name}_flops_per_s"] = rates
+        out[f"peak_{name}_flops_per_s"] = max(rates.values())
+    return out
+
+
+def eval_throughput(cfg) -> dict[str, Any]:
+    """Pairs per second of scoring base and adapter (as a run's shift evaluation does) on the default run's
+    targets, under the run's default precision and in fp32: the module of ``cfg`` (untrained adapter), the
+    targets' ``eval.n_samples`` pairs each, ``eval.batch_size``, the packed layout."""
+    from hydra.utils import get_class
+
+    from reprpo_pl.data.datamodule import PreferenceDataModule
+    from reprpo_pl.eval.scorer import score_pairs
+    from reprpo_pl.models.precision import default_precision, precision_context
+
+    module = get_class(cfg.method._target_)(cfg)
+    dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
+    dm.tokenizer = module.tokenizer
+    dm.setup()
+    loaders = [dm.eval_dataloader(target) for target in dm.eval_sets]
+    pairs = sum(len(loader.dataset) for loader in loaders)
+    out: dict[str, Any] = {"pairs": pairs, "targets": len(loaders), "precision": default_precision()}
+    for key, precision in (("fp32", "32-true"), ("default", default_precision())):
+        score_pairs(module.model, loaders[0], desc="warm-up")  # first-call costs out of the timing
+        start = time.perf_counter()
+        with precision_context(precision, "cpu"):
+            for loader in loaders:
+                score_pairs(module.model, loader)
+        seconds = time.perf_counter() - start
+        out[f"seconds_{key}"] = seconds
+        out["pairs_per_s" if key == "default" else "pairs_per_s_fp32"] = pairs / seconds
+    out["speedup_vs_fp32"] = out["pairs_per_s"] / out["pairs_per_s_fp32"]
+    return out
 
 
 def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str, Any]:
@@ -481,6 +642,7 @@ def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str
     L.seed_everything(cfg.seed, workers=True)
     module = get_class(cfg.method._target_)(cfg)
     dm, train = bench_pairs(cfg, module.tokenizer, args)
+    gate.tokens = step_tokens(train, args.batch_size)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=False, collate_fn=dm.collator)
     if gate.profile_to is not None:
         loader = DataLoader(train.select(range(gate.total * args.batch_size)), batch_size=args.batch_size,
@@ -501,10 +663,11 @@ def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str
     trainer.fit(module, train_dataloaders=loader)
     shutil.rmtree(tmp, ignore_errors=True)
     cache = module.ref_cache
-    return {"ref_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "examples": len(cache), "bytes": cache.nbytes}}
+    return {"ref_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "examples": len(cache), "bytes": cache.nbytes},
+            "precision": str(trainer.precision), **param_counts(module.model)}
 
 
-def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[str, Any]:
+def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int, bf16: bool) -> dict[str, Any]:
     import torch
     import trl
     from peft import LoraConfig
@@ -518,6 +681,7 @@ def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[s
         tokenizer.pad_token = tokenizer.eos_token
     _, train = bench_pairs(cfg, tokenizer, args)
     train = train.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    gate.tokens = step_tokens(train, args.batch_size)
 
     class OurTokens(trl.DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -535,7 +699,7 @@ def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[s
         output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_steps=gate.total, learning_rate=float(cfg.method.lr),
         lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=10.0, weight_decay=0.0,
-        beta=0.1, loss_type=["sigmoid"], max_length=args.max_length, bf16=False, use_cpu=True,
+        beta=0.1, loss_type=["sigmoid"], max_length=args.max_length, bf16=bf16, use_cpu=True,
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         train_sampling_strategy="sequential", seed=int(cfg.seed), disable_dropout=True,
     )
@@ -546,7 +710,7 @@ def run_trl(cfg, args: argparse.Namespace, gate: Gate, per_epoch: int) -> dict[s
                         callbacks=[Timing()])
     trainer.train()
     shutil.rmtree(tmp, ignore_errors=True)
-    return {}
+    return {"precision": "bf16 autocast" if bf16 else "fp32", **param_counts(trainer.model)}
 
 
 if __name__ == "__main__":
