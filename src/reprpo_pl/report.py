@@ -2,10 +2,12 @@
 
     python -m reprpo_pl.report multirun/<date>/<time> [more dirs or results.json files…] [--out DIR] [--metric acc]
 
-Writes report.md (per-shift table with the coherence table beside it, objective, per-target table) and
-report.png (bar chart with CI error bars) into --out (default: the first input dir) and prints the per-shift
-tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent.
-Groups with fewer than 3 seeds also get paired bootstrap CIs of acc_delta over the pairs of their eval/<target>.jsonl.
+Writes report.md (per-shift table with the coherence table beside it, objective, per-target table, the
+"matched in-domain accuracy" table) and report.png (bar chart with CI error bars) and matched_in_domain.png
+(out-of-domain vs in-domain accuracy, a colour per method) into --out (default: the first input dir) and prints the
+per-shift and matched tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is
+marked likely incoherent. Groups with fewer than 3 seeds also get paired bootstrap CIs of acc_delta over the pairs of
+their eval/<target>.jsonl.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from scipy import stats
 
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
+from reprpo_pl.eval.matched import Point, common_levels, interpolate, plot_matched, run_points
 from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
 from reprpo_pl.eval.results import INCOHERENT, ROWS_DIR, atomic_write_text, coherence_limit_of, markdown_table
 
@@ -292,13 +295,95 @@ def bootstrap_table(section: Section, confidence: float) -> list[str]:
             markdown_table(["adapter", *section.shifts], rows), ""]
 
 
-def render_report(sections: Sequence[Section], metric: str, confidence: float, n_skipped: int) -> str:
+MATCHED = "matched in-domain accuracy"
+MATCHED_PNG = "matched_in_domain.png"
+
+
+class Matched:
+    """A section's comparison at matched in-domain accuracy (`reprpo_pl.eval.matched`): each group's points (per run:
+    its curve, or its final point), the levels every group reaches, and the per-seed interpolations there."""
+
+    def __init__(self, section: Section, confidence: float):
+        self.section, self.confidence = section, confidence
+        self.points: dict[str, list[list[Point]]] = {}  # group label → points of each run
+        self.seed_points: dict[str, dict[Any, list[Point]]] = {}  # group label → seed → its runs' points, pooled
+        self.n_curves = 0
+        for label, runs in section.groups.items():
+            for run in runs:
+                points, is_curve = run_points(run)
+                self.n_curves += is_curve
+                if points:
+                    self.points.setdefault(label, []).append(points)
+                    self.seed_points.setdefault(label, {}).setdefault(run.get("seed"), []).extend(points)
+        self.shifts = [s for s in section.shifts if any(s in p.acc for runs in self.points.values() for rp in runs for p in rp)]
+        self.ranges = {label: (min(p.in_domain for rp in runs for p in rp), max(p.in_domain for rp in runs for p in rp))
+                       for label, runs in self.points.items()}
+        self.levels = common_levels(list(self.ranges.values())) if self.ranges and self.shifts else []
+
+    def cell(self, label: str, shift: str, level: float, key: str) -> tuple[float, float, int]:
+        """Mean ± CI over the group's seeds of ``key`` (``acc`` or ``coherence``) on ``shift`` interpolated at ``level``
+        (`interpolate`: seeds whose points do not span the level are left out)."""
+        values = []
+        for points in self.seed_points[label].values():
+            having = [p for p in points if shift in getattr(p, key)]
+            value = interpolate([p.in_domain for p in having], [getattr(p, key)[shift] for p in having], level)
+            if value is not None:
+                values.append(value)
+        return mean_ci(values, self.confidence)
+
+    def base(self) -> tuple[float, dict[str, float]] | None:
+        """The base model's mean in-domain accuracy and per-shift accuracy over the section's runs, or None."""
+        runs = [r for r in self.section.runs if "acc_base" in (r["shifts"].get("in_domain") or {})]
+        if not runs:
+            return None
+        per_shift = {s: mean_ci([r["shifts"][s].get("acc_base") for r in runs if s in r["shifts"]])[0] for s in self.shifts}
+        return mean_ci([r["shifts"]["in_domain"]["acc_base"] for r in runs])[0], {s: v for s, v in per_shift.items() if math.isfinite(v)}
+
+    def table(self) -> list[str]:
+        """Markdown lines: the table headed `MATCHED`, or a line saying why there is none; nothing without points."""
+        if not self.points or not self.shifts:
+            return []
+        pct = f"{self.confidence:.0%}"
+        n_runs = sum(len(runs) for runs in self.points.values())
+        lines = [f"### {MATCHED}", "",
+                 f"Out-of-domain accuracy per shift type at in-domain accuracy levels every adapter reaches (the top one: the "
+                 f"highest they all reach). Each seed's points ({self.n_curves} of {n_runs} runs gave a step-level curve, "
+                 f"curves.jsonl on eval.n_samples_during pairs per target; the others their final point) are interpolated "
+                 f"linearly between the nearest points on either side of the level; a seed whose points do not span it is "
+                 f"left out (no extrapolation). Cells: mean ± {pct} CI over seeds (Student t), n = seeds; Δlog-ppl = "
+                 f"chosen log-perplexity change (coherence) interpolated alike. Plot: {MATCHED_PNG}.", ""]
+        if not self.levels:
+            spans = ", ".join(f"{label} {low:.3f}–{high:.3f}" for label, (low, high) in self.ranges.items())
+            return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}): nothing to compare; "
+                            "sweep further (lr, steps) or add callbacks.shift_eval.every_n_steps for curves.", ""]
+        limit = self.section.coherence_limit
+        rows = []
+        for level in self.levels:
+            for label, by_seed in self.seed_points.items():
+                cells = []
+                for shift in self.shifts:
+                    acc, coherence = self.cell(label, shift, level, "acc"), self.cell(label, shift, level, "coherence")
+                    text = fmt_cell(*acc) + ("" if coherence[2] == 0 else f"; Δlog-ppl {coherence[0]:+.2f}")
+                    cells.append(_marked(text, coherence, limit))
+                n_points = sum(len(p) for p in by_seed.values())
+                rows.append([f"{level:.3f}", label, f"{len(by_seed)}, {n_points}", *cells])
+        return [*lines, markdown_table(["in-domain acc", "adapter", "seeds, points", *self.shifts], rows), ""]
+
+    def panels(self) -> list[tuple[str, str, dict[str, list[list[Point]]], list[float], tuple[float, dict[str, float]] | None]]:
+        """`plot_matched`'s panels of this section: one per compared shift type."""
+        base = self.base()
+        return [(self.section.title, shift, self.points, self.levels, base) for shift in self.shifts] if self.points else []
+
+
+def render_report(sections: Sequence[Section], matched: Sequence[Matched], metric: str, confidence: float, n_skipped: int) -> str:
+    """report.md: per section (``matched``: its `Matched`, in the same order) the shift, coherence, bootstrap, objective,
+    per-target and matched tables."""
     pct = f"{confidence:.0%}"
     n_runs = sum(len(s.runs) for s in sections)
     lines = ["# Report", "",
              f"{n_runs} runs; cells are mean ± {pct} CI half-width (Student t over seeds), n = runs. "
              f"{n_skipped} run dirs without results.json skipped.", ""]
-    for section in sections:
+    for section, section_matched in zip(sections, matched):
         lines += [f"## {section.title}", "", *shift_tables(section, metric, confidence), *bootstrap_table(section, confidence)]
         rows = []
         for label, runs in section.groups.items():
@@ -320,7 +405,7 @@ def render_report(sections: Sequence[Section], metric: str, confidence: float, n
         shift_of = dict(section.targets)
         rows = [[target, shift_of[target], *(_marked(fmt_cell(*cells[lb]), coherence[target].get(lb), section.coherence_limit)
                                              for lb in labels)] for target, cells in target_stats.items()]
-        lines += [f"### {metric} per target", "", markdown_table(["target", "shift", *labels], rows), ""]
+        lines += [f"### {metric} per target", "", markdown_table(["target", "shift", *labels], rows), "", *section_matched.table()]
     return "\n".join(lines)
 
 
@@ -371,16 +456,24 @@ def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: 
     out_dir = Path(out) if out is not None else (first if first.is_dir() else first.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = sections_of(runs)
-    markdown = render_report(sections, metric, confidence, len(skipped) + len(bad))
+    matched = [Matched(section, confidence) for section in sections]
+    markdown = render_report(sections, matched, metric, confidence, len(skipped) + len(bad))
     atomic_write_text(out_dir / "report.md", markdown)
     plot_report(sections, metric, confidence, out_dir / "report.png")
+    written = [out_dir / "report.md", out_dir / "report.png"]
+    if panels := [panel for m in matched for panel in m.panels()]:
+        plot_matched(panels, out_dir / MATCHED_PNG)
+        written.append(out_dir / MATCHED_PNG)
     print(f"found {len(runs)} runs in {sum(len(s.groups) for s in sections)} groups; {skipped_msg}")
-    for section in sections:
+    for section, section_matched in zip(sections, matched):
         print(f"\n{section.title}: {metric}, mean ± {confidence:.0%} CI (n)\n{shift_table(section, metric, confidence)}")
         if metric != COHERENCE:
             print(f"{COHERENCE} (coherence; {INCOHERENT} = beyond ±{section.coherence_limit:g})\n"
                   f"{shift_table(section, COHERENCE, confidence)}")
-    print(f"\nwrote {out_dir / 'report.md'} and {out_dir / 'report.png'}")
+        if table := section_matched.table():
+            print(f"\n{MATCHED}: out-of-domain accuracy interpolated per seed, mean ± {confidence:.0%} CI (n seeds)\n"
+                  + "\n".join(line for line in table[3:] if line))  # after the heading and the explanation
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
     return out_dir / "report.md"
 
 

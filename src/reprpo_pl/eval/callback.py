@@ -1,4 +1,5 @@
-"""Evaluate preference accuracy on every shift target at epoch end; write results at the end of training."""
+"""Evaluate preference accuracy on every shift target at epoch end (and, on a subset, every N steps as curves);
+write results at the end of training."""
 
 from __future__ import annotations
 
@@ -8,44 +9,62 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+from datasets import Dataset
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
-from reprpo_pl.errors import NonFiniteError
+from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.eval.base_cache import BaseScoreCache, open_base_cache
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
-from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_per_row, write_results
+from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_curves, write_per_row, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None,
-                     disk_cache: BaseScoreCache | None = None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Score base and adapter on each target's eval set. ``base_cache`` (target → base scores) skips
+                     disk_cache: BaseScoreCache | None = None, eval_sets: dict[str, Dataset] | None = None,
+                     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Score base and adapter on each target's eval set (``eval_sets``, default the datamodule's; `eval_subsets`
+    gives the cheap ones of the step-level curves). ``base_cache`` (target → base scores of those rows) skips
     the base pass for targets already scored: the base model never changes during training. ``disk_cache``
     does the same across runs: a target's base scores are read from it when present, written to it when not.
 
     Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`)."""
     base_cache = {} if base_cache is None else base_cache
+    eval_sets = datamodule.eval_sets if eval_sets is None else eval_sets
     rows, per_row = [], {}
     for target in datamodule.targets:
+        pairs = eval_sets[target.name]
         key = None
         if target.name not in base_cache and disk_cache is not None:
-            key = disk_cache.key(datamodule.eval_sets[target.name])
-            cached = disk_cache.load(key, len(datamodule.eval_sets[target.name]))
+            key = disk_cache.key(pairs)
+            cached = disk_cache.load(key, len(pairs))
             if cached is not None:
                 log.info("eval %s: base scores from cache (%s)", target.name, disk_cache.path(key))
                 base_cache[target.name] = cached
-        scores = score_pairs(model, datamodule.eval_dataloader(target.name), with_base=target.name not in base_cache,
-                             desc=f"eval {target.name}")
+        loader = DataLoader(pairs, batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=datamodule.collator)
+        scores = score_pairs(model, loader, with_base=target.name not in base_cache, desc=f"eval {target.name}")
         if key is not None and "base" in scores:
             disk_cache.save(key, scores["base"])
         base = base_cache.setdefault(target.name, scores.get("base"))
         rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"]),
                      **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
-        per_row[target.name] = per_row_records(datamodule.row_ids(target.name), base, scores["adapter"])
+        ids = datamodule.eval_text[target.name]["id"]
+        per_row[target.name] = per_row_records([ids[i] for i in pairs["index"]], base, scores["adapter"])
     return rows, per_row
+
+
+def eval_subsets(datamodule: PreferenceDataModule, n: int, seed: int) -> dict[str, Dataset]:
+    """Each target's eval set cut to ``n`` pairs (all if fewer) for the step-level curves: drawn by ``seed``
+    (``eval.seed``, so every run and every step scores the same pairs), kept in the eval set's order."""
+    out = {}
+    for name, pairs in datamodule.eval_sets.items():
+        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=n, replace=False)) if n < len(pairs) else None
+        out[name] = pairs if keep is None else pairs.select(keep.tolist())
+    return out
 
 
 def build_results(cfg: Any, targets: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -95,12 +114,25 @@ class ShiftEvalCallback(L.Callback):
     """At each epoch end (every ``every_n_epochs``) evaluate all targets of the source's shift table
     and log ``eval/<shift>/<target>/<metric>``; at the end of training evaluate once more if the
     weights changed since, then write results.json/results.md into the trainer's root dir, and before them the
-    per-pair records ``eval/<target>.jsonl``."""
+    per-pair records ``eval/<target>.jsonl``.
 
-    def __init__(self, every_n_epochs: int = 1, write: bool = True):
+    With ``every_n_steps``, every that many optimizer steps (and at the last step) also score ``n_samples_during``
+    pairs per target (`eval_subsets`), log them as ``curve/<shift>[/<target>]/<metric>`` and write the points to
+    ``curves.jsonl`` (`write_curves`) before results.json: one run then gives a whole in-domain vs out-of-domain
+    accuracy curve for the report."""
+
+    def __init__(self, every_n_epochs: int = 1, write: bool = True, every_n_steps: int | None = None,
+                 n_samples_during: int = 8):
+        for name, value, nullable in (("every_n_steps", every_n_steps, True), ("n_samples_during", n_samples_during, False)):
+            if (value is None and not nullable) or (value is not None and (type(value) is not int or value < 1)):
+                raise UserError(f"{name}={value!r} must be a positive integer{' or null (no curves)' if nullable else ''}, "
+                                f"e.g. callbacks.shift_eval.every_n_steps=10 eval.n_samples_during=8")
         self.every_n_epochs = every_n_epochs
         self.write = write
+        self.every_n_steps, self.n_samples_during = every_n_steps, n_samples_during
         self.base_cache: dict[str, RowScores] = {}
+        self.curve_base_cache: dict[str, RowScores] = {}  # base scores of the curves' subsets
+        self.curve: list[dict[str, Any]] = []  # the curves' points so far (`curve_point`), checkpointed
         self.disk_cache: BaseScoreCache | None = None  # base scores of earlier runs ($REPRPO_SCORE_CACHE)
         self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
         self.per_row: dict[str, list[dict[str, Any]]] = {}  # target → per-pair records of the last evaluation
@@ -119,18 +151,23 @@ class ShiftEvalCallback(L.Callback):
         return {"train_s": self.earlier["train_s"] + fit_s - self.eval_s, "eval_s": self.earlier["eval_s"] + self.eval_s}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.timing()
+        return {**self.timing(), "curve": self.curve}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.earlier = {k: float(state_dict.get(k, 0.0)) for k in self.earlier}
+        self.curve = list(state_dict.get("curve", []))
+
+    def _open_disk_cache(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Before the first base pass: the base scores of earlier runs."""
+        if self.disk_cache is None:
+            self.disk_cache = open_base_cache(pl_module.model, pl_module.cfg.trainer.precision,
+                                              trainer.datamodule.eval_batch_size, trainer.datamodule.tokenizer.pad_token_id)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: Any) -> list[dict[str, Any]]:
         if self.last is not None and self.last[0] == trainer.global_step:
             return self.last[1]
         started = time.perf_counter()
-        if self.disk_cache is None and not self.base_cache:  # before the first base pass: scores of earlier runs
-            self.disk_cache = open_base_cache(pl_module.model, pl_module.cfg.trainer.precision,
-                                              trainer.datamodule.eval_batch_size, trainer.datamodule.tokenizer.pad_token_id)
+        self._open_disk_cache(trainer, pl_module)
         with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
             targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache, self.disk_cache)
         self.eval_s += time.perf_counter() - started
@@ -143,6 +180,34 @@ class ShiftEvalCallback(L.Callback):
         self.last = (trainer.global_step, targets)
         return targets
 
+    def curve_point(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Score the curves' subsets (`eval_subsets`) at this step, log them as ``curve/...`` and keep the point
+        ``{step, epoch, n_samples_during, targets, shifts}`` (the rows and summaries of results.json) in `curve`."""
+        started = time.perf_counter()
+        self._open_disk_cache(trainer, pl_module)
+        subsets = eval_subsets(trainer.datamodule, self.n_samples_during, int(pl_module.cfg.eval.get("seed", 0)))
+        with trainer.precision_plugin.forward_context():
+            targets, _ = evaluate_targets(pl_module.model, trainer.datamodule, self.curve_base_cache, self.disk_cache, subsets)
+        self.eval_s += time.perf_counter() - started
+        shifts = shift_summary(targets)
+        metrics = {f"curve/{t['shift']}/{t['target']}/{k}": v for t in targets for k, v in t.items() if isinstance(v, float)}
+        for name, summary in shifts.items():
+            metrics.update({f"curve/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.curve.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                           "n_samples_during": self.n_samples_during, "targets": targets, "shifts": shifts})
+
+    def _curve_due(self, trainer: L.Trainer, last: bool = False) -> bool:
+        """Whether this step gets a curve point: every ``every_n_steps`` steps and the last one, once per step."""
+        step = trainer.global_step
+        return (trainer.is_global_zero and self.every_n_steps is not None and step > 0
+                and (last or step % self.every_n_steps == 0) and not (self.curve and self.curve[-1]["step"] == step))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if self._curve_due(trainer):  # after each optimizer step (a micro-batch of an accumulated step: same step, skipped)
+            self.curve_point(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module)
@@ -154,6 +219,8 @@ class ShiftEvalCallback(L.Callback):
         bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
         if bad:
             raise NonFiniteError(f"diverged at step {step}: non-finite parameter {bad[0]} after the last optimizer step; lower method.lr")
+        if self._curve_due(trainer, last=True):
+            self.curve_point(trainer, pl_module)
         targets = self._evaluate(trainer, pl_module)
         timing = {k: round(v, 1) for k, v in self.timing().items()}  # wall seconds
         results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
@@ -168,6 +235,8 @@ class ShiftEvalCallback(L.Callback):
         writes the final last.ckpt, after all other callbacks'; AdapterExport's writes adapter/)."""
         if trainer.is_global_zero and self.results is not None and self.write:
             write_per_row(Path(trainer.default_root_dir), self.per_row)
+            if self.curve:
+                write_curves(Path(trainer.default_root_dir), self.curve)
             markdown = write_results(Path(trainer.default_root_dir), self.results)
             log.info("results written to %s", trainer.default_root_dir)
             print("\n" + markdown)

@@ -17,6 +17,7 @@ from reprpo_pl.eval.metrics import DEFAULT_COHERENCE_LIMIT, SHIFT_ORDER, is_inco
 from reprpo_pl.eval.scorer import RowScores
 
 ROWS_DIR = "eval"  # per-row results: <dir of results.json>/eval/<target>.jsonl
+CURVES_FILE = "curves.jsonl"  # step-level evaluation on a subset (callbacks.shift_eval.every_n_steps), beside results.json
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -147,3 +148,14 @@ def write_per_row(run_dir: str | Path, per_row: dict[str, list[dict[str, Any]]])
         except ValueError:
             raise NonFiniteError(f"per-row scores of {target} hold non-finite numbers; {ROWS_DIR}/{target}.jsonl not written") from None
         atomic_write_text(Path(run_dir) / ROWS_DIR / f"{target}.jsonl", text)
+
+
+def write_curves(run_dir: str | Path, curve: Sequence[dict[str, Any]]) -> None:
+    """Write the step-level evaluation points to ``<run_dir>/curves.jsonl``, atomically: one JSON object per line
+    and step, ``{step, epoch, n_samples_during, targets, shifts}`` (``targets`` and ``shifts`` as in results.json,
+    on ``n_samples_during`` pairs per target). A non-finite number is refused (`NonFiniteError`)."""
+    try:
+        text = "".join(json.dumps(point, allow_nan=False) + "\n" for point in curve)
+    except ValueError:
+        raise NonFiniteError(f"step-level scores hold non-finite numbers; {CURVES_FILE} not written") from None
+    atomic_write_text(Path(run_dir) / CURVES_FILE, text)

@@ -1,0 +1,36 @@
+"""Step-level evaluation (issue 12 item 6): ``callbacks.shift_eval.every_n_steps`` scores ``eval.n_samples_during``
+pairs per target every N optimizer steps, logs them as ``curve/...`` and writes ``curves.jsonl`` beside results.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_runner import TINY, run_inprocess
+from reprpo_pl.errors import UserError
+from reprpo_pl.eval.callback import ShiftEvalCallback
+
+
+def test_every_n_steps_writes_a_curve_point_per_step(tmp_path: Path):
+    # 4 pairs, batch 2, 2 epochs: steps 1..4; every 3 steps gives step 3, and the last step 4 closes the curve
+    run = run_inprocess(["method=dpo", *TINY, "eval.n_samples=3", "trainer.max_epochs=2", "callbacks.shift_eval.every_n_steps=3",
+                         "eval.n_samples_during=2"], tmp_path / "run")
+    assert run.code == 0, run.stderr[-3000:]
+    points = [json.loads(line) for line in (tmp_path / "run" / "curves.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [p["step"] for p in points] == [3, 4] and results["global_step"] == 4
+    full = {t["target"]: t["n"] for t in results["targets"]}
+    assert max(full.values()) == 3 and all(t["n"] == min(2, full[t["target"]]) for p in points for t in p["targets"])  # the subset
+    assert [t["target"] for t in points[-1]["targets"]] == [t["target"] for t in results["targets"]]
+    assert set(points[-1]["shifts"]) == set(results["shifts"]) and "acc" in points[-1]["shifts"]["in_domain"]
+    logged = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    assert [row["step"] for row in logged if row.get("curve/in_domain/acc")] == ["3", "4"]
+
+
+@pytest.mark.parametrize("kwargs", [{"every_n_steps": 0}, {"every_n_steps": 2.5}, {"n_samples_during": None}])
+def test_bad_curve_settings_are_one_line(kwargs):
+    with pytest.raises(UserError, match="must be a positive integer"):
+        ShiftEvalCallback(**kwargs)
