@@ -3,9 +3,9 @@
     python -m reprpo_pl.report multirun/<date>/<time> [more dirs or results.json files…] [--out DIR] [--metric acc]
 
 Writes report.md (per-shift table with the coherence table beside it, objective, per-target table, the
-"matched in-domain accuracy" table) and report.png (bar chart with CI error bars) and matched_in_domain.png
-(out-of-domain vs in-domain accuracy, a colour per method) into --out (default: the first input dir) and prints the
-per-shift and matched tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is
+"matched in-domain accuracy" table, GENIES' differential elicitation where target-tuned runs are among the inputs),
+report.png (bar chart with CI error bars) and matched_in_domain.png (out-of-domain vs in-domain accuracy, a colour
+per method) into --out (default: the first input dir) and prints the per-shift, matched and GENIES tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is
 marked likely incoherent. Groups with fewer than 3 seeds also get paired bootstrap CIs of acc_delta over the pairs of
 their eval/<target>.jsonl.
 """
@@ -25,6 +25,7 @@ from scipy import stats
 
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
+from reprpo_pl.eval.elicitation import elicitation_pairs
 from reprpo_pl.eval.matched import Point, common_levels, interpolate, plot_matched, run_points
 from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
 from reprpo_pl.eval.results import INCOHERENT, ROWS_DIR, atomic_write_text, coherence_limit_of, markdown_table
@@ -375,9 +376,50 @@ class Matched:
         return [(self.section.title, shift, self.points, self.levels, base) for shift in self.shifts] if self.points else []
 
 
-def render_report(sections: Sequence[Section], matched: Sequence[Matched], metric: str, confidence: float, n_skipped: int) -> str:
+ELICITATION = "GENIES' differential elicitation"
+
+
+def elicitation_tables(runs: Sequence[dict[str, Any]], confidence: float) -> list[str]:
+    """Markdown lines: GENIES' table per model (`reprpo_pl.eval.elicitation`): per pair and adapter the base,
+    generalisation and target-tuned accuracies and the differential elicitation, coherence beside them, then each
+    adapter's mean over its pairs; nothing when no run among ``runs`` is target-tuned for another's target."""
+    found, missing = elicitation_pairs(runs, group_label)
+    if not found:
+        return []
+    pct = f"{confidence:.0%}"
+    limit = min(coherence_limit_of(r) for r in runs)
+    lines = [f"## {ELICITATION}", "",
+             f"differential elicitation = (acc − acc_base) / acc_target_tuned (GENIES, Clymer et al. 2023): acc = the "
+             f"generalisation accuracy on the target of runs trained on the source, acc_base = the base model's on the same "
+             f"pairs, acc_target_tuned = the accuracy on the target of runs of the same adapter trained on the target "
+             f"(genies_benchmark's target_tuned__<target> jobs, or runs whose source is the target). Cells: mean ± {pct} CI "
+             f"(Student t), n = runs; the elicitation's CI is over the source runs, each divided by the target-tuned runs' "
+             f"mean accuracy. log_ppl_chosen_delta: the generalisation runs' coherence on the target ({INCOHERENT} = beyond "
+             f"±{limit:g}).", ""]
+    for model in dict.fromkeys(p.model for p in found):
+        pairs = [p for p in found if p.model == model]
+        rows = []
+        for p in pairs:
+            coherence = mean_ci(p.coherence, confidence)
+            rows.append([f"{p.source} → {p.target}", p.shift, p.label, fmt_cell(*mean_ci(p.acc_base, confidence)),
+                         fmt_cell(*mean_ci(p.acc, confidence)), fmt_cell(*mean_ci(p.target_tuned, confidence)),
+                         fmt_cell(*mean_ci(p.differential_elicitation, confidence)), _marked(fmt_cell(*coherence), coherence, limit)])
+        lines += [f"### {model}", "", markdown_table(["pair (source → target)", "shift", "adapter", "base acc", "generalisation acc",
+                                                      "target-tuned acc", "differential elicitation", "log_ppl_chosen_delta"], rows), ""]
+        means = [[label, fmt_cell(*mean_ci([mean_ci(p.differential_elicitation)[0] for p in pairs if p.label == label], confidence))]
+                 for label in dict.fromkeys(p.label for p in pairs)]
+        lines += [f"Mean differential elicitation over each adapter's pairs (± {pct} CI over pairs, n = pairs):", "",
+                  markdown_table(["adapter", "differential elicitation"], means), ""]
+    if missing:
+        lines += [f"{len(missing)} source → target pairs have no target-tuned run among the inputs, e.g. "
+                  f"{', '.join(f'{p.source} → {p.target} ({p.label})' for p in missing[:3])}.", ""]
+    return lines
+
+
+def render_report(sections: Sequence[Section], matched: Sequence[Matched], elicitation: Sequence[str], metric: str,
+                  confidence: float, n_skipped: int) -> str:
     """report.md: per section (``matched``: its `Matched`, in the same order) the shift, coherence, bootstrap, objective,
-    per-target and matched tables."""
+    per-target and matched tables, then the ``elicitation`` lines (`elicitation_tables`)."""
     pct = f"{confidence:.0%}"
     n_runs = sum(len(s.runs) for s in sections)
     lines = ["# Report", "",
@@ -406,6 +448,7 @@ def render_report(sections: Sequence[Section], matched: Sequence[Matched], metri
         rows = [[target, shift_of[target], *(_marked(fmt_cell(*cells[lb]), coherence[target].get(lb), section.coherence_limit)
                                              for lb in labels)] for target, cells in target_stats.items()]
         lines += [f"### {metric} per target", "", markdown_table(["target", "shift", *labels], rows), "", *section_matched.table()]
+    lines += elicitation
     return "\n".join(lines)
 
 
@@ -457,7 +500,8 @@ def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: 
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = sections_of(runs)
     matched = [Matched(section, confidence) for section in sections]
-    markdown = render_report(sections, matched, metric, confidence, len(skipped) + len(bad))
+    elicitation = elicitation_tables(runs, confidence)
+    markdown = render_report(sections, matched, elicitation, metric, confidence, len(skipped) + len(bad))
     atomic_write_text(out_dir / "report.md", markdown)
     plot_report(sections, metric, confidence, out_dir / "report.png")
     written = [out_dir / "report.md", out_dir / "report.png"]
@@ -473,6 +517,8 @@ def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: 
         if table := section_matched.table():
             print(f"\n{MATCHED}: out-of-domain accuracy interpolated per seed, mean ± {confidence:.0%} CI (n seeds)\n"
                   + "\n".join(line for line in table[3:] if line))  # after the heading and the explanation
+    if elicitation:
+        print("\n" + "\n".join(line for line in elicitation if line and not line.startswith("differential elicitation =")))
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return out_dir / "report.md"
 
