@@ -97,3 +97,10 @@ def test_no_common_level_says_so(tmp_path: Path):
     write_curve(tmp_path / "1", [(0.7, 0.5), (0.8, 0.6)])
     md = report([tmp_path]).read_text()
     assert "No in-domain accuracy is reached by every adapter (ranges: dpo 0.500–0.600, innerdpo 0.700–0.800)" in md
+
+
+def test_unreadable_curve_falls_back_to_the_final_point(tmp_path: Path):
+    write(tmp_path / "0", fake_results("dpo", 1, {t: 0.6 for t, _ in TARGETS}))
+    (tmp_path / "0" / "curves.jsonl").write_text("{not json\n")
+    md = report([tmp_path]).read_text()
+    assert "0 of 1 runs gave a step-level curve" in md and matched_rows(md)[("0.600", "dpo")][1] == "0.600 (n=1)"

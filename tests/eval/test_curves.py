@@ -34,3 +34,16 @@ def test_every_n_steps_writes_a_curve_point_per_step(tmp_path: Path):
 def test_bad_curve_settings_are_one_line(kwargs):
     with pytest.raises(UserError, match="must be a positive integer"):
         ShiftEvalCallback(**kwargs)
+
+
+def test_curve_points_survive_a_checkpoint():
+    """The points are in the callback's checkpoint state, so a resumed run writes the whole curve; an older
+    checkpoint without them loads as no points."""
+    callback = ShiftEvalCallback(every_n_steps=2)
+    callback.curve = [{"step": 2, "shifts": {}}]
+    resumed = ShiftEvalCallback(every_n_steps=2)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.curve == callback.curve and resumed.earlier["eval_s"] == callback.state_dict()["eval_s"]
+    older = ShiftEvalCallback(every_n_steps=2)
+    older.load_state_dict({"train_s": 1.0, "eval_s": 2.0})
+    assert older.curve == [] and older.earlier == {"train_s": 1.0, "eval_s": 2.0}
