@@ -42,8 +42,13 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def compose_train(overrides: Sequence[str] = ()) -> DictConfig:
-    """train.yaml with ``overrides`` (no defaults added: pass `TINY_TRAIN` for the tiny CPU run)."""
+def compose_train(overrides: Sequence[str] = (), precision: str | None = "32-true") -> DictConfig:
+    """train.yaml with ``overrides`` (pass `TINY_TRAIN` for the tiny CPU run). Modules built from it run outside
+    Lightning's autocast, so ``trainer.precision`` is 32-true unless an override or ``precision`` (None = the
+    machine's default, `${precision:}`) sets it: under bf16-mixed the frozen base is stored in bf16
+    (`cast_frozen_linears`), and these tests check fp32 identities (layouts, pool-first, TRL)."""
+    if precision is not None and not any(o.startswith("trainer.precision=") for o in overrides):
+        overrides = [*overrides, f"trainer.precision={precision}"]
     return compose_config("train", overrides)
 
 

@@ -36,7 +36,7 @@ from reprpo_pl.eval.from_checkpoint import evaluate_checkpoint
 from reprpo_pl.eval.scorer import score_pairs
 from reprpo_pl.models.loading import load_base_model
 
-FAST = [*TINY, "method.lr=1e-2"]
+FAST = [*TINY, "method.lr=1e-2", "trainer.precision=32-true"]  # compared with an fp32 peft load outside autocast
 RUNS = {"innerdpo": ["method=innerdpo", "transform=ether"], "dpo": ["method=dpo"]}
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 COMPARED = ("method", "transform", "loss", "model", "dataset", "seed", "n_train", "global_step", "objective",

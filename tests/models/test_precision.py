@@ -37,7 +37,7 @@ def test_default_precision_follows_the_hardware(monkeypatch, flags, cuda, expect
 
 
 def test_the_resolver_is_the_default_and_an_override_wins():
-    assert compose_train([]).trainer.precision == default_precision()
+    assert compose_train([], precision=None).trainer.precision == default_precision()
     assert compose_train(["trainer.precision=32-true"]).trainer.precision == "32-true"
 
 

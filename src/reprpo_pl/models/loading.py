@@ -11,10 +11,12 @@ import socket
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch import Tensor, nn
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
@@ -224,6 +226,41 @@ def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedToke
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def cast_frozen_linears(model: PreTrainedModel, dtype: torch.dtype) -> int:
+    """Store the weights of ``model``'s linear layers in ``dtype`` (bf16 under bf16-mixed), except the output
+    embeddings (often tied to the input embeddings, whose lookups autocast does not round); returns how many.
+
+    Autocast rounds a matmul's fp32 weight to bf16 on every call and caches that cast only for weights that
+    require grad, so a frozen base paid one copy of every weight per forward (18% of a CPU dpo step's self time,
+    profiled). Stored pre-rounded, the matmuls compute exactly what they did, without the copies and in half the
+    memory. Call before `add_lora`: peft then wraps the bf16 layers and keeps the adapter's weights in fp32.
+    Outside autocast each layer casts its input to its own dtype (`_input_to_weight_dtype`)."""
+    output = model.get_output_embeddings()
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m is not output]
+    for layer in layers:
+        stored = layer.weight.dtype
+        layer.to(dtype)
+        layer.register_forward_pre_hook(_input_to_weight_dtype)
+        layer.register_forward_hook(partial(_output_to_dtype, dtype=stored))
+    return len(layers)
+
+
+def _input_to_weight_dtype(layer: nn.Linear, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Outside autocast (a user's own forward, a test), feed a `cast_frozen_linears` layer its own dtype, so the
+    model still runs, at the precision it was built for; under autocast nothing changes."""
+    x = args[0]
+    if x.dtype == layer.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    return (x.to(layer.weight.dtype), *args[1:])
+
+
+def _output_to_dtype(layer: nn.Linear, args: tuple[Any, ...], output: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Outside autocast, hand the rest of the model (RoPE, attention, norms) the dtype it had before the cast."""
+    if output.dtype == dtype or torch.is_autocast_enabled(output.device.type):
+        return None
+    return output.to(dtype)
 
 
 def add_lora(model: PreTrainedModel, adapter_cfg: Mapping) -> PeftModel:

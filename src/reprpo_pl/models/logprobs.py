@@ -71,9 +71,12 @@ def _linear_logps_chunks(hidden: Tensor, weight: Tensor, ids: Tensor, chunk: int
     ``log_sum_sq`` (``[M]`` fp32, filled in place when given): ``log Σ_v p(v)²`` of each row (WPO's alignment term)."""
     logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     grads = torch.empty_like(hidden) if with_grad else None
+    # the matmuls' weight, cast once: autocast does not cache casts of frozen weights and would cast [V, d] per chunk
+    device_type = hidden.device.type
+    mm_weight = weight.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else weight
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = (hidden[rows].to(weight.dtype) @ weight.T).float()  # [m, V]
+        logits = (hidden[rows].to(mm_weight.dtype) @ mm_weight.T).float()  # [m, V]
         target = ids[rows]
         lse = torch.logsumexp(logits, dim=-1)
         logps[rows] = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
@@ -81,7 +84,7 @@ def _linear_logps_chunks(hidden: Tensor, weight: Tensor, ids: Tensor, chunk: int
             log_sum_sq[rows] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse
         if grads is not None:
             probs = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
-            grads[rows] = (weight[target] - probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            grads[rows] = (weight[target] - probs.to(mm_weight.dtype) @ mm_weight).to(hidden.dtype)
     return logps, grads
 
 
