@@ -91,7 +91,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
-        if trainer.is_global_zero and evaluator.results is None:  # fit returned without training (its loop was done)
+        if evaluator.results is None:  # fit returned without training (its loop was done); every rank: the final evaluation is sharded
             finish_trained_run(cfg, trainer, module)
         failed = False
     except TrialPruned:  # an Optuna trial that callbacks.optuna_pruning stopped: not a failure, no results

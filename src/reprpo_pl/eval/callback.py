@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -18,6 +19,7 @@ from reprpo_pl.data.datamodule import PreferenceDataModule
 from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.eval.base_cache import BaseScoreCache, open_base_cache
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
+from reprpo_pl.eval.pair_scores import PairScores, shard_batches
 from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_curves, write_per_row, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
@@ -26,34 +28,43 @@ log = logging.getLogger(__name__)
 
 def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None,
                      disk_cache: BaseScoreCache | None = None, eval_sets: dict[str, Dataset] | None = None,
-                     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+                     rank: int = 0, world_size: int = 1) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Score base and adapter on each target's eval set (``eval_sets``, default the datamodule's; `eval_subsets`
     gives the cheap ones of the step-level curves). ``base_cache`` (target → base scores of those rows) skips
     the base pass for targets already scored: the base model never changes during training. ``disk_cache``
-    does the same across runs: a target's base scores are read from it when present, written to it when not.
+    does the same across runs: a target's base scores are read from it when present, written to it (by rank 0)
+    when not.
+
+    Distributed (``world_size`` > 1, every rank calling this): rank ``rank`` scores its `shard_batches` of each
+    target and `PairScores` gathers every rank's rows, so every rank returns what a single process would.
 
     Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`)."""
     base_cache = {} if base_cache is None else base_cache
     eval_sets = datamodule.eval_sets if eval_sets is None else eval_sets
+    device = next(model.parameters()).device
     rows, per_row = [], {}
     for target in datamodule.targets:
         pairs = eval_sets[target.name]
-        key = None
-        if target.name not in base_cache and disk_cache is not None:
+        base_known, key = base_cache.get(target.name), None
+        if base_known is None and disk_cache is not None:
             key = disk_cache.key(pairs)
-            cached = disk_cache.load(key, len(pairs))
-            if cached is not None:
+            base_known = disk_cache.load(key, len(pairs))
+            if base_known is not None:
                 log.info("eval %s: base scores from cache (%s)", target.name, disk_cache.path(key))
-                base_cache[target.name] = cached
-        loader = DataLoader(pairs, batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=datamodule.collator)
-        scores = score_pairs(model, loader, with_base=target.name not in base_cache, desc=f"eval {target.name}")
-        if key is not None and "base" in scores:
-            disk_cache.save(key, scores["base"])
-        base = base_cache.setdefault(target.name, scores.get("base"))
-        rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, scores["adapter"]),
+        shard = shard_batches(len(pairs), datamodule.eval_batch_size, rank, world_size)
+        loader = DataLoader(pairs, batch_sampler=shard, collate_fn=datamodule.collator)
+        scores = score_pairs(model, loader, with_base=base_known is None, desc=f"eval {target.name}")
+        index = torch.tensor([i for batch in shard for i in batch], dtype=torch.long)
+        gathered = PairScores(len(pairs), sync_on_compute=world_size > 1).to(device)
+        gathered.update(index, scores["base"] if base_known is None else base_known.select(index), scores["adapter"])
+        base, adapter = gathered.rows()
+        if key is not None and base_known is None and rank == 0:
+            disk_cache.save(key, base)
+        base_cache[target.name] = base
+        rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, adapter),
                      **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
         ids = datamodule.eval_text[target.name]["id"]
-        per_row[target.name] = per_row_records([ids[i] for i in pairs["index"]], base, scores["adapter"])
+        per_row[target.name] = per_row_records([ids[i] for i in pairs["index"]], base, adapter)
     return rows, per_row
 
 
@@ -119,7 +130,10 @@ class ShiftEvalCallback(L.Callback):
     With ``every_n_steps``, every that many optimizer steps (and at the last step) also score ``n_samples_during``
     pairs per target (`eval_subsets`), log them as ``curve/<shift>[/<target>]/<metric>`` and write the points to
     ``curves.jsonl`` (`write_curves`) before results.json: one run then gives a whole in-domain vs out-of-domain
-    accuracy curve for the report."""
+    accuracy curve for the report.
+
+    Under DDP every rank runs these hooks: each scores its shard of every target (`evaluate_targets`), the
+    rows are gathered to every rank, and rank 0 alone logs and writes."""
 
     def __init__(self, every_n_epochs: int = 1, write: bool = True, every_n_steps: int | None = None,
                  n_samples_during: int = 8):
@@ -169,7 +183,8 @@ class ShiftEvalCallback(L.Callback):
         started = time.perf_counter()
         self._open_disk_cache(trainer, pl_module)
         with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
-            targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache, self.disk_cache)
+            targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache, self.disk_cache,
+                                                     rank=trainer.global_rank, world_size=trainer.world_size)
         self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}
@@ -187,7 +202,8 @@ class ShiftEvalCallback(L.Callback):
         self._open_disk_cache(trainer, pl_module)
         subsets = eval_subsets(trainer.datamodule, self.n_samples_during, int(pl_module.cfg.eval.get("seed", 0)))
         with trainer.precision_plugin.forward_context():
-            targets, _ = evaluate_targets(pl_module.model, trainer.datamodule, self.curve_base_cache, self.disk_cache, subsets)
+            targets, _ = evaluate_targets(pl_module.model, trainer.datamodule, self.curve_base_cache, self.disk_cache, subsets,
+                                          rank=trainer.global_rank, world_size=trainer.world_size)
         self.eval_s += time.perf_counter() - started
         shifts = shift_summary(targets)
         metrics = {f"curve/{t['shift']}/{t['target']}/{k}": v for t in targets for k, v in t.items() if isinstance(v, float)}
@@ -201,7 +217,7 @@ class ShiftEvalCallback(L.Callback):
     def _curve_due(self, trainer: L.Trainer, last: bool = False) -> bool:
         """Whether this step gets a curve point: every ``every_n_steps`` steps and the last one, once per step."""
         step = trainer.global_step
-        return (trainer.is_global_zero and self.every_n_steps is not None and step > 0
+        return (self.every_n_steps is not None and step > 0
                 and (last or step % self.every_n_steps == 0) and not (self.curve and self.curve[-1]["step"] == step))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
@@ -209,12 +225,10 @@ class ShiftEvalCallback(L.Callback):
             self.curve_point(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step - 1  # the last optimizer step; its update is checked by no later loss
         bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
         if bad:
@@ -228,7 +242,8 @@ class ShiftEvalCallback(L.Callback):
         if bad := non_finite({"targets": results["targets"], "shifts": results["shifts"]}):
             raise NonFiniteError(f"diverged at step {step}: non-finite eval scores ({', '.join(bad[:3])}); lower method.lr")
         self.results = results
-        log_results_tables(trainer.loggers, self.results)
+        if trainer.is_global_zero:
+            log_results_tables(trainer.loggers, self.results)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         """results.json last: after every ``on_train_end`` (Lightning runs ModelCheckpoint's, which

@@ -40,6 +40,19 @@ class RowScores:
     def to_dict(self) -> dict[str, list[float]]:
         return {k: getattr(self, k).tolist() for k in ("logp_cho", "logp_rej", "n_cho", "n_rej")}
 
+    def stack(self) -> Tensor:
+        """``[N, 4]``: the four fields as columns (the inverse of `from_stacked`)."""
+        return torch.stack([self.logp_cho, self.logp_rej, self.n_cho, self.n_rej], dim=1)
+
+    @classmethod
+    def from_stacked(cls, columns: Tensor) -> RowScores:
+        """From ``[N, 4]`` columns ``logp_cho, logp_rej, n_cho, n_rej``."""
+        return cls(*columns.unbind(dim=1))
+
+    def select(self, index: Tensor) -> RowScores:
+        """The rows at ``index`` (``[n]`` positions)."""
+        return RowScores.from_stacked(self.stack()[index])
+
 
 @torch.no_grad()
 def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True, with_base: bool = True,
@@ -47,27 +60,28 @@ def score_pairs(model: PeftModel, loader: DataLoader, with_adapter: bool = True,
     """Score every pair of ``loader`` with the adapter and/or with it disabled, batch by batch.
 
     Uses the packed layout (each prompt encoded once for both completions) where the model supports
-    it. Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for).
+    it. Returns ``{"adapter": RowScores, "base": RowScores}`` (only the roles asked for; ``[0]`` each when
+    ``loader`` is empty, e.g. a rank's shard of a target with fewer batches than ranks).
 
     Progress: on a terminal a transient tqdm bar (Lightning's class, on stdout like its training bar,
     below it when one is open); elsewhere one log line per call, ``<desc>: <n> pairs in <t> s``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list[Tensor]] = {}
+    roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
+    parts: dict[str, list[Tensor]] = {role: [torch.empty(4, 0)] for role in roles}
     started, terminal = time.perf_counter(), is_terminal()
     try:
         for batch in Tqdm(loader, desc=desc, leave=False, disable=not terminal, dynamic_ncols=True, file=sys.stdout):
             inputs = {k: v.to(device) for k, v in pair_model_inputs(model, batch).items()}
             counts = inputs["completion_mask"].sum(-1).float()
-            roles = [r for r, on in (("adapter", with_adapter), ("base", with_base)) if on]
             for role in roles:
                 if role == "base":
                     with model.disable_adapter():
                         sums = completion_logps(model, inputs).sum(-1)
                 else:
                     sums = completion_logps(model, inputs).sum(-1)
-                parts.setdefault(role, []).append(torch.stack([*sums.chunk(2), *counts.chunk(2)]).float().cpu())
+                parts[role].append(torch.stack([*sums.chunk(2), *counts.chunk(2)]).float().cpu())
     finally:
         model.train(was_training)
     scores = {role: RowScores(*torch.cat(chunks, dim=1)) for role, chunks in parts.items()}
