@@ -41,7 +41,7 @@ def test_wandb_offline_one_run_per_job_even_when_a_job_fails(tmp_path: Path):
     [targets] = list((tmp_path / "sweep" / "1" / "wandb").glob("offline-run-*/files/media/table/results/targets_*.table.json"))
     table = json.loads(targets.read_text())
     assert table["columns"][:5] == ["target", "shift", "n", "acc_base", "acc"]
-    assert [row[0] for row in table["data"]] == ["math", "us_history_textbook"]
+    assert [row[0] for row in table["data"]] == ["math@train", "math", "us_history_textbook"]  # the in-sample row first
     assert list((tmp_path / "sweep" / "1" / "wandb").glob("offline-run-*/files/media/table/results/shifts_*.table.json"))
     [generations] = list((tmp_path / "sweep" / "1" / "wandb").glob("offline-run-*/files/media/table/generations_*.table.json"))
     assert json.loads(generations.read_text())["columns"] == ["step", "prompt", "base", "adapter"]
