@@ -104,3 +104,23 @@ def test_unreadable_curve_falls_back_to_the_final_point(tmp_path: Path):
     (tmp_path / "0" / "curves.jsonl").write_text("{not json\n")
     md = report([tmp_path]).read_text()
     assert "0 of 1 runs gave a step-level curve" in md and matched_rows(md)[("0.600", "dpo")][1] == "0.600 (n=1)"
+
+
+def test_the_base_star_is_scored_on_the_rows_of_the_points(tmp_path: Path):
+    """A run with a curve is plotted on its eval.n_samples_during subsets: the base model's point comes from the
+    curve's acc_base, not from the final rows', else the star and the curves would be scored on different pairs."""
+    from reprpo_pl.report import Matched, find_results, load_runs, sections_of
+
+    def base(root: Path) -> tuple[float, dict[str, float]]:
+        [section] = sections_of(load_runs(find_results([root])[0])[0])
+        return Matched(section, 0.95).base()
+
+    write(tmp_path / "0", fake_results("dpo", 1, {t: 0.6 for t, _ in TARGETS}))
+    write_curve(tmp_path / "0", [(0.6, 0.6), (0.8, 0.7)])
+    curve = tmp_path / "0" / "curves.jsonl"  # the subsets' base: 0.25, the final rows' (fake_results): 0.5
+    curve.write_text(curve.read_text().replace('"acc_base": 0.5', '"acc_base": 0.25'))
+    in_domain, per_shift = base(tmp_path)
+    assert (in_domain, per_shift["cross_domain"]) == (0.25, 0.25)
+    write(tmp_path / "1", fake_results("dpo", 2, {t: 0.6 for t, _ in TARGETS}))  # no curve: its final rows
+    final = json.loads((tmp_path / "1" / "results.json").read_text())["shifts"]["in_domain"]["acc_base"]
+    assert final == 0.5 and base(tmp_path)[0] == pytest.approx((0.25 + final) / 2)

@@ -26,7 +26,7 @@ from scipy import stats
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.elicitation import elicitation_pairs
-from reprpo_pl.eval.matched import Point, common_levels, interpolate, plot_matched, run_points
+from reprpo_pl.eval.matched import Point, base_shifts, common_levels, interpolate, plot_matched, run_points
 from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
 from reprpo_pl.eval.results import INCOHERENT, ROWS_DIR, atomic_write_text, coherence_limit_of, markdown_table
 
@@ -333,12 +333,15 @@ class Matched:
         return mean_ci(values, self.confidence)
 
     def base(self) -> tuple[float, dict[str, float]] | None:
-        """The base model's mean in-domain accuracy and per-shift accuracy over the section's runs, or None."""
-        runs = [r for r in self.section.runs if "acc_base" in (r["shifts"].get("in_domain") or {})]
-        if not runs:
+        """The base model's mean in-domain accuracy and per-shift accuracy over the section's runs, or None; on the
+        rows the plotted points were scored on (`base_shifts`: a curve's subsets, else the final rows), so the star
+        sits where an unchanged adapter's points would."""
+        shifts = [base_shifts(r) for r in self.section.runs]
+        shifts = [sh for sh in shifts if "acc_base" in (sh.get("in_domain") or {})]
+        if not shifts:
             return None
-        per_shift = {s: mean_ci([r["shifts"][s].get("acc_base") for r in runs if s in r["shifts"]])[0] for s in self.shifts}
-        return mean_ci([r["shifts"]["in_domain"]["acc_base"] for r in runs])[0], {s: v for s, v in per_shift.items() if math.isfinite(v)}
+        per_shift = {s: mean_ci([sh[s].get("acc_base") for sh in shifts if s in sh])[0] for s in self.shifts}
+        return mean_ci([sh["in_domain"]["acc_base"] for sh in shifts])[0], {s: v for s, v in per_shift.items() if math.isfinite(v)}
 
     def table(self) -> list[str]:
         """Markdown lines: the table headed `MATCHED`, or a line saying why there is none; nothing without points."""

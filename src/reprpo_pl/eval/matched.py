@@ -44,15 +44,32 @@ def _point(shifts: Mapping[str, Any], step: int | None) -> Point | None:
     return Point(float(in_domain), acc, coherence, step)
 
 
+def curve_records(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The lines of ``<run dir>/curves.jsonl`` (``_path`` = the run dir), or [] when it is missing or unreadable."""
+    path = Path(run["_path"]) / CURVES_FILE
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def base_shifts(run: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The per-shift summaries that hold the base model's accuracy on the rows a run's points were scored on: its
+    curve's (the ``eval.n_samples_during`` subsets) when it has one, else its results' (the final rows)."""
+    records = curve_records(run)
+    shifts = records[0].get("shifts") if records and isinstance(records[0], dict) else None
+    return shifts if isinstance(shifts, dict) else run["shifts"]
+
+
 def run_points(run: Mapping[str, Any]) -> tuple[list[Point], bool]:
     """The points of one loaded results document (``_path`` = its run dir) and whether they are its curve: the lines of
     ``<run dir>/curves.jsonl`` when that file exists and parses, else its final point."""
-    path = Path(run["_path"]) / CURVES_FILE
-    if path.is_file():
+    if records := curve_records(run):
         try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             points = [_point(r["shifts"], int(r["step"])) for r in records]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             points = []
         if points := [p for p in points if p is not None]:
             return points, True
