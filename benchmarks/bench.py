@@ -180,7 +180,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     children: list[Child] = []
     training = [s for s in systems if s in TRAINING]
     try:
-        for rep in range(args.reps):
+        for rep in range(args.reps if training else 0):
             run_repetition(args, rotate(training, rep), rep, children, log_dir)
         for s in (s for s in systems if s not in TRAINING):  # one measurement each, after the training systems
             child = Child(s, 0, args, log_dir)
@@ -608,20 +608,24 @@ def eval_throughput(cfg) -> dict[str, Any]:
     targets, under the run's default precision and in fp32: the module of ``cfg`` (untrained adapter), the
     targets' ``eval.n_samples`` pairs each, ``eval.batch_size``, the packed layout."""
     from hydra.utils import get_class
+    from omegaconf import OmegaConf
 
     from reprpo_pl.data.datamodule import PreferenceDataModule
     from reprpo_pl.eval.scorer import score_pairs
     from reprpo_pl.models.precision import default_precision, precision_context
 
-    module = get_class(cfg.method._target_)(cfg)
-    dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
-    dm.tokenizer = module.tokenizer
-    dm.setup()
-    loaders = [dm.eval_dataloader(target) for target in dm.eval_sets]
-    pairs = sum(len(loader.dataset) for loader in loaders)
-    out: dict[str, Any] = {"pairs": pairs, "targets": len(loaders), "precision": default_precision()}
+    out: dict[str, Any] = {"precision": default_precision()}
     for key, precision in (("fp32", "32-true"), ("default", default_precision())):
-        score_pairs(module.model, loaders[0], desc="warm-up")  # first-call costs out of the timing
+        # each precision builds its own module: under bf16-mixed the frozen base is stored in bf16
+        module = get_class(cfg.method._target_)(OmegaConf.merge(cfg, {"trainer": {"precision": precision}}))
+        dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
+        dm.tokenizer = module.tokenizer
+        dm.setup()
+        loaders = [dm.eval_dataloader(target) for target in dm.eval_sets]
+        pairs = sum(len(loader.dataset) for loader in loaders)
+        out |= {"pairs": pairs, "targets": len(loaders)}
+        with precision_context(precision, "cpu"):
+            score_pairs(module.model, loaders[0], desc="warm-up")  # first-call costs out of the timing
         start = time.perf_counter()
         with precision_context(precision, "cpu"):
             for loader in loaders:
