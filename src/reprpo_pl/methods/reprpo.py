@@ -105,6 +105,8 @@ class ReprPOModule(PreferenceModule):
         loss, metrics = self.compute_loss(batch, use_cache=True)
         if self.balance.due(self.global_step):
             norms = term_gradient_norms(metrics, [p for p in self.parameters() if p.requires_grad])
+            if self._trainer is not None:  # under DDP the ranks' mean, so that every rank takes the same α
+                norms = {k: self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in norms.items()}
             # straight to the loggers: self.log would repeat the last value on the steps between measurements
             for logger in self.loggers:
                 logger.log_metrics({f"train/gradnorm/{k.removeprefix('loss/')}": float(v) for k, v in norms.items()},
