@@ -86,6 +86,15 @@ def pinned_loss(method: str) -> str | None:
     return None
 
 
+def preset_of(method: str) -> str | None:
+    """The method yaml a preset builds on (``- prefvec`` in prefvec_v3's defaults), if any."""
+    methods = set(yaml_names("method"))
+    for entry in OmegaConf.load(CONF / "method" / f"{method}.yaml").get("defaults") or []:
+        if isinstance(entry, str) and entry in methods and entry != "reprpo":
+            return entry
+    return None
+
+
 class Transform(NamedTuple):
     id: str
     overrides: list[str]
@@ -141,6 +150,9 @@ def combinations() -> list[Any]:
         if (loss := pinned_loss(method)) is not None:
             pinned[method] = loss
     for method in reprpo_methods:
+        if (parent := preset_of(method)) is not None:  # a preset's code paths are its parent's: once, as composed
+            params.append(pytest.param(Combo(method, pinned[parent], "ether", "hs", [f"method={method}"]), id=method))
+            continue
         if method in pinned:
             losses = [pinned[method]]
         else:  # generic: the losses no named method covers

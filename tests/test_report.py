@@ -120,14 +120,16 @@ def test_report_tables_and_ci(sweep, capsys):
 def test_report_cli_out_and_several_inputs(sweep, tmp_path):
     root, _ = sweep
     single = tmp_path / "outputs" / "one"
-    write(single, fake_results("dpo", 7, {t: 0.5 for t, _ in TARGETS}, lr=1e-3), hydra=False)
+    other = fake_results("dpo", 7, {t: 0.5 for t, _ in TARGETS})
+    other["config"]["method"]["beta"] = 0.5
+    write(single, other, hydra=False)
     main([str(root / "0"), str(root / "1"), str(single), "--out", str(tmp_path / "rep"), "--metric", "acc_gain_vs_ref"])
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "### acc_gain_vs_ref per shift type" in md
     assert "| base |" not in md  # only acc has a base counterpart
     assert "(n=3)" in md
-    # the third run has another learning rate: the report says the pooled configs differ
-    assert "- dpo: method.lr" in md
+    # the third run has another beta: the report says the pooled configs differ
+    assert "- dpo: method.beta" in md
 
 
 def test_report_nothing_found(tmp_path, capsys):
@@ -246,3 +248,14 @@ def test_report_bootstraps_groups_with_few_seeds(sweep):
     row = next(line for line in table.splitlines() if line.startswith("| projgrad | "))
     assert row.startswith("| projgrad | 0.500 [") and "(n=8 pairs)" in row  # cross_domain: two targets of 4 pairs
     assert "| dpo |" not in table and "| innerdpo/ether |" not in table  # 3 seeds: Student t over seeds suffices
+
+
+def test_runs_of_one_method_at_several_learning_rates_get_a_row_each(tmp_path):
+    """An lr sweep (the study's lr selection) is not pooled as seeds: each lr is its own row; one lr keeps the plain label."""
+    for job, (lr, acc) in enumerate(((3e-5, 0.5), (1e-4, 0.75), (1e-4, 0.75), (3e-4, 1.0))):
+        write(tmp_path / "grid" / str(job), fake_results("dpo", job, {t: acc for t, _ in TARGETS}, lr=lr))
+    write(tmp_path / "single" / "0", fake_results("innerdpo", 1, {t: 0.6 for t, _ in TARGETS}, lr=3e-4))
+    md = report([tmp_path]).read_text()
+    assert "| dpo lr=3e-05 | 0.500 (n=1)" in md and "| dpo lr=0.0001 | 0.750 ± 0.000 (n=2)" in md
+    assert "| dpo lr=0.0003 | 1.000 (n=1)" in md and "| innerdpo | 0.600 (n=1)" in md
+    assert "Pooled runs whose configs differ" not in md

@@ -188,15 +188,26 @@ def group_label(run: Mapping[str, Any]) -> str:
     return f"{run['label']} (re-evaluated)" if run.get("checkpoint") else run["label"]
 
 
+def learning_rate(run: Mapping[str, Any]) -> float:
+    """The run's ``method.lr`` (NaN when its config has none)."""
+    lr = ((run.get("config") or {}).get("method") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else math.nan
+
+
 class Section:
     """The runs of one model trained on one source and scored on one source's shift table, grouped by
     `group_label` (insertion order kept)."""
 
     def __init__(self, model: str, dataset: str, runs: list[dict[str, Any]], evaluated_on: str | None = None):
         self.model, self.dataset, self.evaluated_on = model, dataset, evaluated_on or dataset
-        self.groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.methods: dict[str, list[dict[str, Any]]] = defaultdict(list)  # by `group_label`: the matched comparison's lines
         for run in runs:
-            self.groups[group_label(run)].append(run)
+            self.methods[group_label(run)].append(run)
+        self.groups: dict[str, list[dict[str, Any]]] = defaultdict(list)  # the tables' rows
+        for label, members in self.methods.items():  # runs of one method at several learning rates are not seeds of one setting
+            lrs = {learning_rate(r) for r in members}
+            for run in members:
+                self.groups[f"{label} lr={learning_rate(run):g}" if len(lrs) > 1 else label].append(run)
         self.runs = runs
         self.shifts = [s for s in SHIFT_ORDER if any(s in r["shifts"] for r in runs)]
         targets: dict[str, str] = {}
@@ -309,7 +320,7 @@ class Matched:
         self.points: dict[str, list[list[Point]]] = {}  # group label → points of each run
         self.seed_points: dict[str, dict[Any, list[Point]]] = {}  # group label → seed → its runs' points, pooled
         self.n_curves = 0
-        for label, runs in section.groups.items():
+        for label, runs in section.methods.items():  # an lr sweep without curves: each lr's run is a point of its seed's line
             for run in runs:
                 points, is_curve = run_points(run)
                 self.n_curves += is_curve

@@ -15,19 +15,25 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from reprpo_pl.data.collator import PreferenceCollator
-from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table, split_target_name
+from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table, split_target_name, split_train_val
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_with_counts
 from reprpo_pl.errors import MissingDataError, RunSkipped, UserError
 
 log = logging.getLogger(__name__)
 
 TRAIN_SHIFT = "train"  # the in-sample row: not a shift type of the table (SHIFT_TYPES), added to every run's targets
+VAL_SHIFT = "validation"  # data.n_val pairs held out of the source's train split (a run's own rows, like TRAIN_SHIFT)
 MISSING_TARGETS = ("error", "skip")  # eval.missing_targets: what a target whose file is not on disk does
 
 
 def in_sample_target(source: str) -> Target:
     """The in-sample row of ``source``'s results: ``<source>@train`` (the ``<name>@<split>`` spelling), shift ``train``."""
     return Target(name=f"{source}@train", shift=TRAIN_SHIFT)
+
+
+def validation_target(source: str) -> Target:
+    """The held-out row of ``source``'s results (``data.n_val`` > 0): ``<source>@val``, shift ``validation``."""
+    return Target(name=f"{source}@val", shift=VAL_SHIFT)
 
 
 def in_sample_rows(train: Dataset, n: int, seed: int) -> Dataset:
@@ -100,8 +106,16 @@ class PreferenceDataModule(L.LightningDataModule):
         if missing not in MISSING_TARGETS:
             raise UserError(f"eval.missing_targets={missing!r} must be one of {', '.join(MISSING_TARGETS)}, "
                             "e.g. eval.missing_targets=skip")
+        n_val = data.get("n_val") or 0
+        if isinstance(n_val, bool) or not isinstance(n_val, int) or n_val < 0:
+            raise UserError(f"data.n_val={n_val!r} must be a non-negative integer (0 = no validation slice)")
         try:
-            self.train_text = load_pairs(self.source, "train", n=n_train, seed=data.get("seed", 0), **roots)
+            if n_val:  # the same training rows as without a slice; the slice comes from the rows left over
+                self.train_text, val_text = split_train_val(
+                    load_pairs(self.source, "train", **roots, seed=data.get("seed", 0)), n_train, n_val,
+                    seed=data.get("seed", 0), val_seed=eval.get("seed", 0), label=f"{self.source}/train")
+            else:
+                self.train_text = load_pairs(self.source, "train", n=n_train, seed=data.get("seed", 0), **roots)
         except MissingDataError as err:
             if missing == "skip":  # e.g. a benchmark's target-tuned run on a distribution this copy lacks
                 raise RunSkipped(f"run skipped: source {self.source} has no training data ({err}; eval.missing_targets=skip)") from None
@@ -111,6 +125,9 @@ class PreferenceDataModule(L.LightningDataModule):
         # the in-sample row first (the journal's first column): eval.n_samples of the pairs this run trains on,
         # picked in `setup` among those that survive tokenisation
         self.targets: list[Target] = [in_sample_target(self.source), *table]
+        if n_val:  # after the in-sample row: the held-out slice of the same split, then the test targets
+            self.targets.insert(1, validation_target(self.source))
+            self.eval_text = {validation_target(self.source).name: val_text, **self.eval_text}
         self.n_eval, self.eval_seed = n_eval, eval.get("seed", 0)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()

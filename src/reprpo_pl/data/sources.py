@@ -69,14 +69,32 @@ def split_target_name(name: str) -> tuple[str, str]:
     return distribution, split if at else "test"
 
 
+def subset_rows(n_rows: int, n: int, seed: int) -> list[int]:
+    """Indices (sorted) of ``n`` of ``n_rows`` rows picked by ``seed`` alone; all of them if ``n >= n_rows``."""
+    if n >= n_rows:
+        return list(range(n_rows))
+    return sorted(np.random.default_rng(seed).choice(n_rows, size=n, replace=False).tolist())
+
+
 def _subset(pairs: Dataset, n: int, seed: int, label: str) -> Dataset:
     """``n`` rows picked by ``seed`` alone (kept in file order); all rows, with a warning, if fewer exist."""
     if n >= len(pairs):
         if n > len(pairs):
             logger.warning("%s: asked for %d pairs but only %d exist; using all of them", label, n, len(pairs))
         return pairs
-    rows = np.random.default_rng(seed).choice(len(pairs), size=n, replace=False)
-    return pairs.select(sorted(rows.tolist()))
+    return pairs.select(subset_rows(len(pairs), n, seed))
+
+
+def split_train_val(pairs: Dataset, n_train: int, n_val: int, seed: int, val_seed: int, label: str) -> tuple[Dataset, Dataset]:
+    """The ``n_train`` training rows (the same rows `load_pairs` picks with ``n=n_train``) and ``n_val`` rows
+    held out of the rest (picked by ``val_seed``): a validation slice of the train split no run trains on."""
+    if n_train + n_val > len(pairs):
+        raise UserError(f"data.n_val={n_val} pairs cannot be held out of {label}: it has {len(pairs)} pairs and "
+                        f"data.n_train={n_train} of them train; lower data.n_val or data.n_train")
+    train_rows = subset_rows(len(pairs), n_train, seed)
+    rest = sorted(set(range(len(pairs))) - set(train_rows))
+    val_rows = [rest[i] for i in subset_rows(len(rest), n_val, val_seed)]
+    return pairs.select(train_rows), pairs.select(val_rows)
 
 
 def load_pairs(
@@ -145,6 +163,8 @@ def parse_shift_table(dataset_cfg: Mapping[str, Any]) -> list[Target]:
         raise UserError(f"dataset.targets lists {', '.join(repeated)} more than once: keep one entry per target")
     if f"{source}@train" in names:
         raise UserError(f"dataset.targets lists {source}@train, the in-sample row every run scores already: drop it")
+    if f"{source}@val" in names:
+        raise UserError(f"dataset.targets lists {source}@val, the validation slice: set data.n_val=<pairs> instead")
     in_domain = [target for target in targets if target.shift == "in_domain"]
     if [target.name for target in in_domain] != [source]:
         raise UserError(

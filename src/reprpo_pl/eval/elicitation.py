@@ -67,7 +67,7 @@ def elicitation_pairs(runs: Sequence[Mapping[str, Any]], label_of: Callable[[Map
         if name is not None and tuned_on is not None:
             continue
         for row in run["targets"]:
-            if row["shift"] == "train" or row["target"] == source or not isinstance(row.get("acc"), (int, float)):
+            if row["shift"] in ("train", "validation") or row["target"] == source or not isinstance(row.get("acc"), (int, float)):
                 continue  # in-sample, or the run's own source: not generalisation
             pair = pairs.setdefault((model, label, source, row["target"]),
                                     ElicitationPair(model, label, source, row["target"], row["shift"]))

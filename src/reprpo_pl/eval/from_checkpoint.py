@@ -23,7 +23,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from reprpo_pl.config import CONF_PATH, run_cli
-from reprpo_pl.data.datamodule import TRAIN_SHIFT, PreferenceDataModule
+from reprpo_pl.data.datamodule import TRAIN_SHIFT, VAL_SHIFT, PreferenceDataModule
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.adapter_export import (
     ADAPTER_CONFIG,
@@ -226,8 +226,9 @@ def evaluate_checkpoint(request: DictConfig, out_dir: Path) -> dict[str, Any]:
     # rows, whose in-sample row is scored here as in training.
     datamodule = PreferenceDataModule(cfg.data, dataset, cfg.eval)
     if names is None and dataset.source != trained.dataset.source:
-        # the in-sample row is the pairs the adapter trained on: another source's training pairs are not in-sample
-        names = [t.name for t in datamodule.targets if t.shift != TRAIN_SHIFT]
+        # the in-sample row is the pairs the adapter trained on (the validation slice, the ones it held out):
+        # another source's training pairs are neither
+        names = [t.name for t in datamodule.targets if t.shift not in (TRAIN_SHIFT, VAL_SHIFT)]
     if names is not None:  # drop the in-domain target if it was only added for the parser (and the in-sample row)
         datamodule.targets = [t for t in datamodule.targets if t.name in names]
         datamodule.eval_text = {n: rows for n, rows in datamodule.eval_text.items() if n in names}

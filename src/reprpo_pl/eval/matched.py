@@ -20,7 +20,7 @@ import numpy as np
 
 from reprpo_pl.eval.results import CURVES_FILE
 
-NOT_COMPARED = ("train", "in_domain")  # shifts not plotted against in-domain accuracy: in-sample, and the x axis itself
+NOT_COMPARED = ("train", "validation", "in_domain")  # not plotted against in-domain accuracy: the source's own rows, and the x axis itself
 
 
 @dataclass(frozen=True)

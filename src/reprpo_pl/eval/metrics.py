@@ -8,7 +8,7 @@ from typing import Any
 from reprpo_pl.eval.scorer import RowScores
 
 DEFAULT_COHERENCE_LIMIT = 2.0  # conf/train.yaml's eval.coherence_limit, for results documents without one
-SHIFT_ORDER = ("train", "in_domain", "cross_domain", "difficulty", "moral_transfer", "safety", "orthogonal")
+SHIFT_ORDER = ("train", "validation", "in_domain", "cross_domain", "difficulty", "moral_transfer", "safety", "orthogonal")
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -58,7 +58,7 @@ def shift_summary(targets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-NOT_OBJECTIVE_SHIFTS = ("train", "in_domain", "orthogonal")  # in-sample, the training distribution, the control
+NOT_OBJECTIVE_SHIFTS = ("train", "validation", "in_domain", "orthogonal")  # in-sample, held out of it, the training distribution, the control
 
 
 def objective(shifts: dict[str, dict[str, Any]], targets: list[dict[str, Any]], objective_shifts: list[str] | None = None,

@@ -1,0 +1,59 @@
+"""The study's grids (issue 15; conf/experiment/study_*.yaml, docs/study/README.md): what each composes to, the job
+dirs named by method, lr and seed, and a grid part rerun skipping the jobs it already finished."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_runner import TINY, run_inprocess
+from conftest import compose_config, compose_train
+
+STUDIES = {"study_math": "math", "study_unhelpful_alpaca": "unhelpful_alpaca", "study_math_easy": "math_easy"}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_each_study_composes_to_the_protocol(name):
+    cfg = compose_config("train", [f"experiment={name}", "method=dpo", "method.lr=1e-4"], return_hydra_config=True)
+    assert cfg.dataset.source == STUDIES[name]
+    assert (cfg.data.n_train, cfg.data.batch_size, cfg.eval.n_samples) == (256, 4, 100)
+    assert cfg.data.root == "../shared/data/genies" and cfg.data.ethics_root == "../shared/data/ethics"
+    assert cfg.callbacks.shift_eval.every_n_steps == 16 and cfg.eval.n_samples_during == 16
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.skip_finished
+    assert cfg.hydra.sweeper.params == {"method": "dpo,projgrad,innerdpo,prefvec,prefvec_v3", "seed": "1,2,3"}
+    # only math holds out a validation slice: the learning rates are picked on it
+    assert cfg.data.n_val == (100 if name == "study_math" else 0)
+    assert list(cfg.eval.objective_shifts or []) == (["validation"] if name == "study_math" else [])
+
+
+def test_the_learning_rate_comes_from_the_studys_table_per_method():
+    picked = ["study.lr.dpo=3e-5", "study.lr.prefvec_v3=3e-4"]
+    assert compose_train(["experiment=study_math", "method=dpo", *picked], precision=None).method.lr == 3e-5
+    assert compose_train(["experiment=study_math", "method=prefvec_v3", *picked], precision=None).method.lr == 3e-4
+
+
+def test_the_prefvec_v3_preset_is_the_journal_runs_loss():
+    preset = compose_train(["method=prefvec_v3"], precision=None)
+    journal = compose_train(["experiment=journal-hs-ether-prefvec-v3"], precision=None)
+    assert preset.method.name == "prefvec_v3" and preset.loss == journal.loss and preset.transform == journal.transform
+    assert (preset.method.agg, preset.collection.sink_k) == (journal.method.agg, journal.collection.sink_k)
+    assert preset.loss.prototype_compat == "v3" and preset.loss.use_proj_abs_loss
+
+
+def test_a_grid_part_skips_the_jobs_it_finished(tmp_path):
+    """The lr selection's seed-1 job and the grid's seed-1 job at the picked lr share a dir: the second run skips it."""
+    sweep = tmp_path / "study"
+    tiny = [*TINY, "data.root=null", "data.ethics_root=null", "data.n_train=4", "data.n_val=2", "eval.n_samples=2",
+            "eval.n_samples_during=2", "callbacks.shift_eval.every_n_steps=1", "trainer.precision=32-true"]
+    first = run_inprocess(["-m", "experiment=study_math", *tiny, "method=dpo", "seed=1", "method.lr=1e-4,3e-4",
+                           f"hydra.sweep.dir={sweep}"], tmp_path / "unused")
+    assert first.code == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["dpo_lr0.0001_s1", "dpo_lr0.0003_s1"]
+    results = json.loads((sweep / "dpo_lr0.0001_s1" / "results.json").read_text())
+    assert [t["target"] for t in results["targets"]][:3] == ["math@train", "math@val", "math"]
+    stamp = (sweep / "dpo_lr0.0001_s1" / "results.json").stat().st_mtime_ns
+    second = run_inprocess(["-m", "experiment=study_math", *tiny, "method=dpo", "seed=1,2", "study.lr.dpo=1e-4",
+                            f"hydra.sweep.dir={sweep}"], tmp_path / "unused")
+    assert second.code == 0, second.stderr[-3000:]
+    assert (sweep / "dpo_lr0.0001_s1" / "results.json").stat().st_mtime_ns == stamp  # skipped, not retrained
+    assert (sweep / "dpo_lr0.0001_s2" / "results.json").is_file()
