@@ -259,3 +259,39 @@ def test_runs_of_one_method_at_several_learning_rates_get_a_row_each(tmp_path):
     assert "| dpo lr=3e-05 | 0.500 (n=1)" in md and "| dpo lr=0.0001 | 0.750 ± 0.000 (n=2)" in md
     assert "| dpo lr=0.0003 | 1.000 (n=1)" in md and "| innerdpo | 0.600 (n=1)" in md
     assert "Pooled runs whose configs differ" not in md
+
+
+def with_validation(doc: dict, acc: float, log_ppl: float, train_log_ppl: float = 0.0) -> dict:
+    """``doc`` with a validation row (accuracy ``acc``) and the chosen log-perplexity changes of its own rows."""
+    doc["targets"].insert(0, {"target": "math@val", "shift": "validation", "n": 90, "acc_base": 0.5, "acc": acc,
+                              "acc_gain_vs_ref": acc / 0.5, "log_ppl_chosen_delta": log_ppl})
+    doc["shifts"] = {"train": {"n": 100, "acc": 1.0, "log_ppl_chosen_delta": train_log_ppl},
+                     "validation": {"n": 90, "acc_base": 0.5, "acc": acc, "acc_gain_vs_ref": acc / 0.5,
+                                    "log_ppl_chosen_delta": log_ppl}, **doc["shifts"]}
+    return doc
+
+
+def test_the_learning_rate_is_picked_on_validation_among_coherent_lrs(tmp_path):
+    """Highest validation accuracy among the lrs that stay coherent on the train and validation rows; the test targets'
+    accuracy never enters (dpo at 3e-4 is best in-domain and on every test target, but incoherent)."""
+    from reprpo_pl.eval.lr_choice import candidates, pick
+    from reprpo_pl.report import learning_rate
+
+    grid = {("dpo", 3e-5): (0.60, 0.1, 0.0, 0.6), ("dpo", 1e-4): (0.70, 0.5, 1.9, 0.7), ("dpo", 3e-4): (0.90, 0.9, 5.0, 0.99),
+            ("innerdpo", 3e-5): (0.65, 0.2, 0.1, 0.6), ("innerdpo", 1e-4): (0.65, 0.1, 0.0, 0.6),
+            ("innerdpo", 3e-4): (0.40, 2.5, 0.5, 0.9)}
+    docs = {}
+    for job, ((method, lr), (val, log_ppl, train_log_ppl, test_acc)) in enumerate(grid.items()):
+        docs[method, lr] = with_validation(fake_results(method, 1, {t: test_acc for t, _ in TARGETS}, lr=lr), val, log_ppl,
+                                           train_log_ppl)
+        write(tmp_path / str(job), docs[method, lr])
+    dpo = candidates([d for (m, _), d in docs.items() if m == "dpo"], learning_rate, 2.0)
+    assert [c.coherent for c in dpo] == [True, True, False] and pick(dpo).lr == 1e-4
+    innerdpo = candidates([d for (m, _), d in docs.items() if m == "innerdpo"], learning_rate, 2.0)
+    assert pick(innerdpo).lr == 1e-4  # a tie on accuracy: the smaller worst log-perplexity change
+    md = report([tmp_path]).read_text()
+    assert "### Learning rate picked on the validation slice" in md
+    assert "| dpo | 0.0001 | 0.700 (n=90, 1 run) | train +1.90, validation +0.50 | yes | **picked** |" in md
+    assert "| dpo | 0.0003 | 0.900 (n=90, 1 run) | train +5.00, validation +0.90 | ⚠ likely incoherent |  |" in md
+    # the validation row is a column of the shift tables, not part of the default objective
+    assert "| adapter | train | validation | in_domain |" in md

@@ -26,6 +26,7 @@ from scipy import stats
 from reprpo_pl.config import run_cli
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.elicitation import elicitation_pairs
+from reprpo_pl.eval.lr_choice import GATE_SHIFTS, candidates, pick
 from reprpo_pl.eval.matched import Point, base_shifts, common_levels, interpolate, plot_matched, run_points
 from reprpo_pl.eval.metrics import SHIFT_ORDER, is_incoherent
 from reprpo_pl.eval.results import INCOHERENT, ROWS_DIR, atomic_write_text, coherence_limit_of, markdown_table
@@ -430,6 +431,29 @@ def elicitation_tables(runs: Sequence[dict[str, Any]], confidence: float) -> lis
     return lines
 
 
+def lr_choice_table(section: Section) -> list[str]:
+    """The learning rate each method of ``section`` would train at (`reprpo_pl.eval.lr_choice`), when its runs scored a
+    validation slice at more than one lr; else no lines."""
+    rows = []
+    for label, runs in section.methods.items():
+        options = candidates(runs, learning_rate, section.coherence_limit)
+        if len(options) < 2:
+            continue
+        chosen = pick(options)
+        for c in options:
+            gate = ", ".join(f"{s} {c.log_ppl[s]:+.2f}" for s in GATE_SHIFTS if s in c.log_ppl)
+            rows.append([label, f"{c.lr:g}", f"{c.acc:.3f} (n={c.n_pairs}, {c.n_runs} run{'s' * (c.n_runs > 1)})", gate,
+                         "yes" if c.coherent else INCOHERENT, "**picked**" if c is chosen else ""])
+        if chosen is None:
+            rows.append([label, "–", "no learning rate stays coherent", "", "", ""])
+    if not rows:
+        return []
+    return [f"### Learning rate picked on the validation slice (highest validation accuracy among the lrs whose chosen "
+            f"log-perplexity change on the train and validation rows stays within ±{section.coherence_limit:g}; "
+            "no test target enters the choice)", "",
+            markdown_table(["adapter", "lr", "validation acc", "log_ppl_chosen_delta", "coherent", ""], rows), ""]
+
+
 def render_report(sections: Sequence[Section], matched: Sequence[Matched], elicitation: Sequence[str], metric: str,
                   confidence: float, n_skipped: int) -> str:
     """report.md: per section (``matched``: its `Matched`, in the same order) the shift, coherence, bootstrap, objective,
@@ -440,7 +464,8 @@ def render_report(sections: Sequence[Section], matched: Sequence[Matched], elici
              f"{n_runs} runs; cells are mean ± {pct} CI half-width (Student t over seeds), n = runs. "
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section, section_matched in zip(sections, matched):
-        lines += [f"## {section.title}", "", *shift_tables(section, metric, confidence), *bootstrap_table(section, confidence)]
+        lines += [f"## {section.title}", "", *lr_choice_table(section), *shift_tables(section, metric, confidence),
+                  *bootstrap_table(section, confidence)]
         rows = []
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
@@ -524,6 +549,8 @@ def report(inputs: Sequence[str | Path], out: str | Path | None = None, metric: 
         written.append(out_dir / MATCHED_PNG)
     print(f"found {len(runs)} runs in {sum(len(s.groups) for s in sections)} groups; {skipped_msg}")
     for section, section_matched in zip(sections, matched):
+        if choice := lr_choice_table(section):
+            print(f"\n{section.title}: learning rate per method on the validation slice\n{choice[2]}")
         print(f"\n{section.title}: {metric}, mean ± {confidence:.0%} CI (n)\n{shift_table(section, metric, confidence)}")
         if metric != COHERENCE:
             print(f"{COHERENCE} (coherence; {INCOHERENT} = beyond ±{section.coherence_limit:g})\n"
