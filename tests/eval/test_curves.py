@@ -47,3 +47,32 @@ def test_curve_points_survive_a_checkpoint():
     older = ShiftEvalCallback(every_n_steps=2)
     older.load_state_dict({"train_s": 1.0, "eval_s": 2.0})
     assert older.curve == [] and older.earlier == {"train_s": 1.0, "eval_s": 2.0}
+
+
+def test_the_last_point_is_the_final_evaluation_on_the_subsets_rows(tmp_path: Path, monkeypatch):
+    """At the last step every target was just scored in full: the curve's last point takes those scores on its
+    subset's rows (`subset_positions`) instead of a second pass, so it agrees with the per-pair files exactly."""
+    from reprpo_pl.eval import callback
+
+    passes = []  # eval_sets of each scoring pass: None = the full eval sets, else the curve's subsets
+    real = callback.evaluate_targets
+    monkeypatch.setattr(callback, "evaluate_targets", lambda *a, **k: passes.append(a[4] if len(a) > 4 else k.get("eval_sets")) or real(*a, **k))
+    subset_positions = callback.subset_positions
+    run = run_inprocess(["method=dpo", *TINY, "eval.n_samples=4", "trainer.max_epochs=2", "callbacks.shift_eval.every_n_steps=3",
+                         "eval.n_samples_during=2", "method.lr=1e-2"], tmp_path / "run")
+    assert run.code == 0, run.stderr[-3000:]
+    last = [json.loads(line) for line in (tmp_path / "run" / "curves.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 4
+    assert [p is None for p in passes] == [True, False, True]  # epoch 1 (step 2), step 3 (subsets), epoch 2: no 4th pass
+    for target in last["targets"]:
+        rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / f"{target['target']}.jsonl").read_text().splitlines()]
+        kept = [rows[i] for i in subset_positions(len(rows), 2, 0)]
+
+        def correct(row: dict, role: str) -> bool:
+            return row[f"{role}_logp_chosen"] / row[f"{role}_n_chosen"] > row[f"{role}_logp_rejected"] / row[f"{role}_n_rejected"]
+
+        assert target["n"] == len(kept)
+        assert target["acc"] == sum(correct(r, "adapter") for r in kept) / len(kept)
+        assert target["acc_base"] == sum(correct(r, "base") for r in kept) / len(kept)
+        delta = sum(r["base_logp_chosen"] / r["base_n_chosen"] - r["adapter_logp_chosen"] / r["adapter_n_chosen"] for r in kept)
+        assert abs(target["log_ppl_chosen_delta"] - delta / len(kept)) < 1e-5

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: dict[str, RowScores] | None = None,
                      disk_cache: BaseScoreCache | None = None, eval_sets: dict[str, Dataset] | None = None,
-                     rank: int = 0, world_size: int = 1) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+                     rank: int = 0, world_size: int = 1, keep_scores: dict[str, tuple[RowScores, RowScores]] | None = None,
+                     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Score base and adapter on each target's eval set (``eval_sets``, default the datamodule's; `eval_subsets`
     gives the cheap ones of the step-level curves). ``base_cache`` (target → base scores of those rows) skips
     the base pass for targets already scored: the base model never changes during training. ``disk_cache``
@@ -38,7 +39,8 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
     Distributed (``world_size`` > 1, every rank calling this): rank ``rank`` scores its `shard_batches` of each
     target and `PairScores` gathers every rank's rows, so every rank returns what a single process would.
 
-    Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`)."""
+    Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`); ``keep_scores``, when
+    given, receives each target's ``(base, adapter)`` `RowScores` (``[N]`` each, in eval-set order)."""
     base_cache = {} if base_cache is None else base_cache
     eval_sets = datamodule.eval_sets if eval_sets is None else eval_sets
     device = next(model.parameters()).device
@@ -61,6 +63,8 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
         if key is not None and base_known is None and rank == 0:
             disk_cache.save(key, base)
         base_cache[target.name] = base
+        if keep_scores is not None:
+            keep_scores[target.name] = (base, adapter)
         rows.append({"target": target.name, "shift": target.shift, **target_metrics(base, adapter),
                      **datamodule.eval_counts[target.name]})  # n_truncated, n_dropped by tokenisation
         ids = datamodule.eval_text[target.name]["id"]
@@ -68,13 +72,20 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
     return rows, per_row
 
 
+def subset_positions(n_rows: int, n: int, seed: int) -> list[int]:
+    """Positions (sorted) of the ``n`` of ``n_rows`` eval rows a curve scores (all if fewer), drawn by ``seed``."""
+    if n >= n_rows:
+        return list(range(n_rows))
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False)).tolist()
+
+
 def eval_subsets(datamodule: PreferenceDataModule, n: int, seed: int) -> dict[str, Dataset]:
     """Each target's eval set cut to ``n`` pairs (all if fewer) for the step-level curves: drawn by ``seed``
     (``eval.seed``, so every run and every step scores the same pairs), kept in the eval set's order."""
     out = {}
     for name, pairs in datamodule.eval_sets.items():
-        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=n, replace=False)) if n < len(pairs) else None
-        out[name] = pairs if keep is None else pairs.select(keep.tolist())
+        keep = subset_positions(len(pairs), n, seed)
+        out[name] = pairs if len(keep) == len(pairs) else pairs.select(keep)
     return out
 
 
@@ -149,6 +160,7 @@ class ShiftEvalCallback(L.Callback):
         self.curve: list[dict[str, Any]] = []  # the curves' points so far (`curve_point`), checkpointed
         self.disk_cache: BaseScoreCache | None = None  # base scores of earlier runs ($REPRPO_SCORE_CACHE)
         self.last: tuple[int, list[dict[str, Any]]] | None = None  # (global_step, targets)
+        self.last_scores: dict[str, tuple[RowScores, RowScores]] = {}  # target → (base, adapter) of that evaluation
         self.per_row: dict[str, list[dict[str, Any]]] = {}  # target → per-pair records of the last evaluation
         self.results: dict[str, Any] | None = None
         self.started: float | None = None  # perf_counter at train start
@@ -183,8 +195,10 @@ class ShiftEvalCallback(L.Callback):
         started = time.perf_counter()
         self._open_disk_cache(trainer, pl_module)
         with trainer.precision_plugin.forward_context():  # the training steps' precision (bf16 autocast under bf16-mixed)
+            self.last_scores = {}
             targets, self.per_row = evaluate_targets(pl_module.model, trainer.datamodule, self.base_cache, self.disk_cache,
-                                                     rank=trainer.global_rank, world_size=trainer.world_size)
+                                                     rank=trainer.global_rank, world_size=trainer.world_size,
+                                                     keep_scores=self.last_scores)
         self.eval_s += time.perf_counter() - started
         metrics = {f"eval/{t['shift']}/{t['target']}/{k}": v for t in targets
                    for k, v in t.items() if isinstance(v, float)}
@@ -197,13 +211,25 @@ class ShiftEvalCallback(L.Callback):
 
     def curve_point(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Score the curves' subsets (`eval_subsets`) at this step, log them as ``curve/...`` and keep the point
-        ``{step, epoch, n_samples_during, targets, shifts}`` (the rows and summaries of results.json) in `curve`."""
+        ``{step, epoch, n_samples_during, targets, shifts}`` (the rows and summaries of results.json) in `curve`.
+        When every target was fully evaluated at this step (the last step, after the epoch-end evaluation), the
+        point is those scores on the subsets' rows: no second pass."""
         started = time.perf_counter()
-        self._open_disk_cache(trainer, pl_module)
-        subsets = eval_subsets(trainer.datamodule, self.n_samples_during, int(pl_module.cfg.eval.get("seed", 0)))
-        with trainer.precision_plugin.forward_context():
-            targets, _ = evaluate_targets(pl_module.model, trainer.datamodule, self.curve_base_cache, self.disk_cache, subsets,
-                                          rank=trainer.global_rank, world_size=trainer.world_size)
+        seed = int(pl_module.cfg.eval.get("seed", 0))
+        datamodule = trainer.datamodule
+        if self.last is not None and self.last[0] == trainer.global_step and set(self.last_scores) >= {t.name for t in datamodule.targets}:
+            targets = []
+            for target in datamodule.targets:
+                base, adapter = self.last_scores[target.name]
+                keep = torch.tensor(subset_positions(len(base.logp_cho), self.n_samples_during, seed), dtype=torch.long)
+                targets.append({"target": target.name, "shift": target.shift, **target_metrics(base.select(keep), adapter.select(keep)),
+                                **datamodule.eval_counts[target.name]})
+        else:
+            self._open_disk_cache(trainer, pl_module)
+            subsets = eval_subsets(datamodule, self.n_samples_during, seed)
+            with trainer.precision_plugin.forward_context():
+                targets, _ = evaluate_targets(pl_module.model, datamodule, self.curve_base_cache, self.disk_cache, subsets,
+                                              rank=trainer.global_rank, world_size=trainer.world_size)
         self.eval_s += time.perf_counter() - started
         shifts = shift_summary(targets)
         metrics = {f"curve/{t['shift']}/{t['target']}/{k}": v for t in targets for k, v in t.items() if isinstance(v, float)}
@@ -233,9 +259,9 @@ class ShiftEvalCallback(L.Callback):
         bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
         if bad:
             raise NonFiniteError(f"diverged at step {step}: non-finite parameter {bad[0]} after the last optimizer step; lower method.lr")
-        if self._curve_due(trainer, last=True):
-            self.curve_point(trainer, pl_module)
         targets = self._evaluate(trainer, pl_module)
+        if self._curve_due(trainer, last=True):  # after the evaluation, whose scores it reuses
+            self.curve_point(trainer, pl_module)
         timing = {k: round(v, 1) for k, v in self.timing().items()}  # wall seconds
         results = build_results(pl_module.cfg, targets, global_step=trainer.global_step, epoch=trainer.current_epoch,
                                 timing=timing)
