@@ -52,6 +52,24 @@ def test_grid_writes_one_results_json_per_job(tmp_path):
     assert "| dpo | " in md and "| innerdpo/ether | " in md and "(n=2)" in md
 
 
+def test_a_grid_job_starts_with_no_earlier_job_alive(tmp_path, monkeypatch):
+    """A finished job's trainer, module and model sit in reference cycles; without a full collection after each job
+    a grid kept several jobs' models in memory (9 GB after three SmolLM2 runs, steps 50 % slower)."""
+    import gc
+
+    import lightning as L
+
+    from reprpo_pl import train
+
+    alive = []  # LightningModules and Trainers in memory (collected or not) when each job starts
+    real = train.train
+    monkeypatch.setattr(train, "train", lambda cfg, run_dir: alive.append(
+        sum(isinstance(o, (L.LightningModule, L.Trainer)) for o in gc.get_objects())) or real(cfg, run_dir))
+    result = run_inprocess(["-m", *TINY, "method=dpo", "seed=1,2,3", f"hydra.sweep.dir={tmp_path / 'grid'}"], tmp_path / "unused")
+    assert result.code == 0, result.stderr[-3000:]
+    assert alive == [0, 0, 0]
+
+
 def test_grid_failed_job_is_one_line_and_the_others_run(tmp_path):
     """A job that fails is one log line when it fails; the grid goes on, then exits with one line per failed job."""
     sweep = tmp_path / "sweep"

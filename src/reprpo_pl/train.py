@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 from datetime import datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
@@ -166,6 +168,17 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
     except RunSkipped as skipped:  # eval.missing_targets=skip and its data is missing: not a failure, no results
         log.warning(str(skipped))
         return float("nan")
+    finally:
+        release_job_memory()
+
+
+def release_job_memory() -> None:
+    """Free the finished job's model, optimizer and trainer before a multirun's next job starts. They sit in
+    reference cycles (trainer ↔ module ↔ callbacks) that only Python's full collection frees, which may not come
+    for several jobs: a grid of SmolLM2 runs held 9 GB after three jobs and its steps slowed from 6 to 9 s."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def optimized_value(results: dict[str, Any], key: str) -> float:
