@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from reprpo_pl.data.datamodule import PreferenceDataModule
+from reprpo_pl.data.sources import subset_rows
 from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.eval.base_cache import BaseScoreCache, open_base_cache
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
@@ -72,11 +72,7 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
     return rows, per_row
 
 
-def subset_positions(n_rows: int, n: int, seed: int) -> list[int]:
-    """Positions (sorted) of the ``n`` of ``n_rows`` eval rows a curve scores (all if fewer), drawn by ``seed``."""
-    if n >= n_rows:
-        return list(range(n_rows))
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False)).tolist()
+subset_positions = subset_rows  # the positions of the ``n`` of ``n_rows`` eval rows a curve scores (all if fewer)
 
 
 def eval_subsets(datamodule: PreferenceDataModule, n: int, seed: int) -> dict[str, Dataset]:
