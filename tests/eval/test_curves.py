@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import TINY, run_inprocess
+from reprpo_pl.data.sources import subset_rows
 from reprpo_pl.errors import UserError
 from reprpo_pl.eval.callback import ShiftEvalCallback
 
@@ -51,13 +52,12 @@ def test_curve_points_survive_a_checkpoint():
 
 def test_the_last_point_is_the_final_evaluation_on_the_subsets_rows(tmp_path: Path, monkeypatch):
     """At the last step every target was just scored in full: the curve's last point takes those scores on its
-    subset's rows (`subset_positions`) instead of a second pass, so it agrees with the per-pair files exactly."""
+    subset's rows (`subset_rows`) instead of a second pass, so it agrees with the per-pair files exactly."""
     from reprpo_pl.eval import callback
 
     passes = []  # eval_sets of each scoring pass: None = the full eval sets, else the curve's subsets
     real = callback.evaluate_targets
     monkeypatch.setattr(callback, "evaluate_targets", lambda *a, **k: passes.append(a[4] if len(a) > 4 else k.get("eval_sets")) or real(*a, **k))
-    subset_positions = callback.subset_positions
     run = run_inprocess(["method=dpo", *TINY, "eval.n_samples=4", "trainer.max_epochs=2", "callbacks.shift_eval.every_n_steps=3",
                          "eval.n_samples_during=2", "method.lr=1e-2"], tmp_path / "run")
     assert run.code == 0, run.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_the_last_point_is_the_final_evaluation_on_the_subsets_rows(tmp_path: Pa
     assert [p is None for p in passes] == [True, False, True]  # epoch 1 (step 2), step 3 (subsets), epoch 2: no 4th pass
     for target in last["targets"]:
         rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / f"{target['target']}.jsonl").read_text().splitlines()]
-        kept = [rows[i] for i in subset_positions(len(rows), 2, 0)]
+        kept = [rows[i] for i in subset_rows(len(rows), 2, 0)]
 
         def correct(row: dict, role: str) -> bool:
             return row[f"{role}_logp_chosen"] / row[f"{role}_n_chosen"] > row[f"{role}_logp_rejected"] / row[f"{role}_n_rejected"]

@@ -7,7 +7,6 @@ import os
 from typing import Any, Mapping
 
 import lightning as L
-import numpy as np
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -15,7 +14,8 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from reprpo_pl.data.collator import PreferenceCollator
-from reprpo_pl.data.sources import Target, load_pairs, parse_shift_table, split_target_name, split_train_val
+from reprpo_pl.data.sources import (Target, load_pairs, parse_shift_table, split_target_name, split_train_val,
+                                    subset_rows)
 from reprpo_pl.data.tokenize import TokenizeConfig, tokenize_with_counts
 from reprpo_pl.errors import MissingDataError, RunSkipped, UserError
 
@@ -34,14 +34,6 @@ def in_sample_target(source: str) -> Target:
 def validation_target(source: str) -> Target:
     """The held-out row of ``source``'s results (``data.n_val`` > 0): ``<source>@val``, shift ``validation``."""
     return Target(name=f"{source}@val", shift=VAL_SHIFT)
-
-
-def in_sample_rows(train: Dataset, n: int, seed: int) -> Dataset:
-    """``n`` of the (tokenised) training pairs ``train`` (all if fewer), picked by ``seed`` and kept in file order."""
-    if n >= len(train):
-        return train
-    rows = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
-    return train.select(sorted(rows.tolist()))
 
 
 def load_targets(table: list[Target], missing: str, **kwargs: Any) -> tuple[list[Target], dict[str, Dataset]]:
@@ -143,7 +135,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set, _ = self._tokenize(self.train_text, f"{self.source}/train")
         train_target = in_sample_target(self.source)
         if train_target in self.targets:
-            kept = in_sample_rows(self.train_set, self.n_eval, self.eval_seed)["index"]
+            kept = self.train_set.select(subset_rows(len(self.train_set), self.n_eval, self.eval_seed))["index"]
             self.eval_text = {train_target.name: self.train_text.select(list(kept)), **self.eval_text}
         for name, text in self.eval_text.items():
             self.eval_sets[name], self.eval_counts[name] = self._tokenize(text, name if "@" in name else f"{name}/test")

@@ -72,15 +72,12 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
     return rows, per_row
 
 
-subset_positions = subset_rows  # the positions of the ``n`` of ``n_rows`` eval rows a curve scores (all if fewer)
-
-
 def eval_subsets(datamodule: PreferenceDataModule, n: int, seed: int) -> dict[str, Dataset]:
     """Each target's eval set cut to ``n`` pairs (all if fewer) for the step-level curves: drawn by ``seed``
     (``eval.seed``, so every run and every step scores the same pairs), kept in the eval set's order."""
     out = {}
     for name, pairs in datamodule.eval_sets.items():
-        keep = subset_positions(len(pairs), n, seed)
+        keep = subset_rows(len(pairs), n, seed)
         out[name] = pairs if len(keep) == len(pairs) else pairs.select(keep)
     return out
 
@@ -217,7 +214,7 @@ class ShiftEvalCallback(L.Callback):
             targets = []
             for target in datamodule.targets:
                 base, adapter = self.last_scores[target.name]
-                keep = torch.tensor(subset_positions(len(base.logp_cho), self.n_samples_during, seed), dtype=torch.long)
+                keep = torch.tensor(subset_rows(len(base.logp_cho), self.n_samples_during, seed), dtype=torch.long)
                 targets.append({"target": target.name, "shift": target.shift, **target_metrics(base.select(keep), adapter.select(keep)),
                                 **datamodule.eval_counts[target.name]})
         else:
