@@ -3,7 +3,9 @@ dirs named by method, lr and seed, and a grid part rerun skipping the jobs it al
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from cli_runner import TINY, run_inprocess
@@ -57,3 +59,35 @@ def test_a_grid_part_skips_the_jobs_it_finished(tmp_path):
     assert second.code == 0, second.stderr[-3000:]
     assert (sweep / "dpo_lr0.0001_s1" / "results.json").stat().st_mtime_ns == stamp  # skipped, not retrained
     assert (sweep / "dpo_lr0.0001_s2" / "results.json").is_file()
+
+
+def _script(name: str):
+    """A module of scripts/ (not a package), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_committed_job_reruns_from_its_overrides_and_is_compared_to_its_seed_spread(tmp_path, capsys):
+    """scripts/study_reproduce.py: a synced job rerun from its .hydra/overrides.yaml gives the same accuracies (spread
+    over its 2 seeds as tolerance); a rerun accuracy beyond that spread fails the check, naming the target."""
+    sweep, docs = tmp_path / "study" / "math", tmp_path / "docs"
+    tiny = [*TINY, "data.root=null", "data.ethics_root=null", "data.n_train=4", "data.n_val=2", "eval.n_samples=2",
+            "eval.n_samples_during=2", "trainer.precision=32-true"]
+    grid = run_inprocess(["-m", "experiment=study_math", *tiny, "method=dpo", "seed=1,2", "study.lr.dpo=1e-2",
+                          f"hydra.sweep.dir={sweep}"], tmp_path / "unused")
+    assert grid.code == 0, grid.stderr[-3000:]
+    _script("study_sync").sync(sweep.parent, docs)
+    job = docs / "math" / "dpo_lr0.01_s2"
+    reproduce = _script("study_reproduce")
+    assert reproduce.main([str(job), "--out", str(tmp_path / "rerun")]) == 0
+    assert "reproduced: dpo_lr0.01_s2" in capsys.readouterr().out
+    rerun = json.loads((tmp_path / "rerun" / "results.json").read_text())
+    spread = reproduce.seed_spread(job, json.loads((job / "results.json").read_text()))
+    moved = rerun["targets"][2]
+    moved["acc"] += spread[moved["target"]] + 0.25
+    (tmp_path / "rerun" / "results.json").write_text(json.dumps(rerun))
+    assert reproduce.main([str(job), "--out", str(tmp_path / "rerun")]) == 1  # compared again, not retrained
+    out = capsys.readouterr().out
+    assert "NOT reproduced" in out and f"| {moved['target']} |" in out and "| no |" in out
