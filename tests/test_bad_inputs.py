@@ -151,7 +151,7 @@ USER_ERRORS: list[tuple[str, Overrides, str]] = [
     ("lora_dropout_one", lambda t: ["adapter.lora_dropout=1.0"], r"adapter.lora_dropout=1.0 must be a number in \[0, 1\)"),
     ("experiment_typo", lambda t: ["experiment=no-such-experiment"],
      r"experiment=no-such-experiment matches no config file of the experiment group: use one of cpu_comparison, dpo, "
-     r"genies_benchmark, hs-ether-innerdpo, .*side-none-prefvec, study_math, study_math_easy, study_unhelpful_alpaca$"),
+     r"genies_benchmark, hs-ether-innerdpo, .*side-none-prefvec, study_math, study_math_easy, study_math_hard, study_unhelpful_alpaca$"),
     ("experiment_close_match", lambda t: ["experiment=projgard"],
      r"experiment=projgard matches no config file of the experiment group: did you mean projgrad\? use one of "),
     ("hparams_search_typo", lambda t: ["hparams_search=inerdpo"],

@@ -90,7 +90,7 @@ JOURNAL = {
 }
 # sweeps (genies_benchmark: tests/test_genies_benchmark.py); the journal runs' shared settings (not an option)
 OTHER_EXPERIMENTS = {"cpu_comparison", "genies_benchmark", "_journal_shared", "_study", "study_math", "study_unhelpful_alpaca",
-                     "study_math_easy"}  # the study: tests/test_study.py
+                     "study_math_easy", "study_math_hard"}  # the study: tests/test_study.py
 
 
 def test_every_experiment_file_is_tested():

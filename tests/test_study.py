@@ -28,6 +28,13 @@ def test_each_study_composes_to_the_protocol(name):
     assert list(cfg.eval.objective_shifts or []) == (["validation"] if name == "study_math" else [])
 
 
+def test_the_difficulty_pairs_target_tuned_runs_train_and_score_on_math_hard_alone():
+    cfg = compose_config("train", ["experiment=study_math_hard", "method=dpo", "study.lr.dpo=1e-4"], return_hydra_config=True)
+    assert cfg.dataset.source == "math_hard" and list(cfg.dataset.targets) == [{"name": "math_hard", "shift": "in_domain"}]
+    assert cfg.hydra.sweeper.params == {"method": "dpo,projgrad,innerdpo,prefvec,prefvec_v3", "seed": "1"}
+    assert (cfg.data.n_train, cfg.eval.n_samples, cfg.method.lr, cfg.hydra.sweep.dir) == (256, 100, 1e-4, "study/math_hard")
+
+
 def test_the_learning_rate_comes_from_the_studys_table_per_method():
     picked = ["study.lr.dpo=3e-5", "study.lr.prefvec_v3=3e-4"]
     assert compose_train(["experiment=study_math", "method=dpo", *picked], precision=None).method.lr == 3e-5
@@ -91,3 +98,19 @@ def test_a_committed_job_reruns_from_its_overrides_and_is_compared_to_its_seed_s
     assert reproduce.main([str(job), "--out", str(tmp_path / "rerun")]) == 1  # compared again, not retrained
     out = capsys.readouterr().out
     assert "NOT reproduced" in out and f"| {moved['target']} |" in out and "| no |" in out
+
+
+RUNS = Path(__file__).parents[1] / "docs" / "study" / "runs"
+REPORTS = {"lr_selection": ["lr_selection", "math/*_s1"], "math": ["math"], "unhelpful_alpaca": ["unhelpful_alpaca"],
+           "math_easy": ["math_easy"]}  # docs/study/README.md's report commands: report.md's folder → its inputs
+
+
+@pytest.mark.parametrize("name", [name for name in REPORTS if (RUNS / name / "report.md").is_file()])
+def test_the_committed_study_reports_regenerate_exactly(name, tmp_path):
+    """``python -m reprpo_pl.report docs/study/runs/<source>`` rewrites the committed report.md from the committed
+    results, byte for byte (issue 15's done-when)."""
+    from reprpo_pl.report import report
+
+    inputs = [path for pattern in REPORTS[name] for path in sorted(RUNS.glob(pattern))]
+    written = report(inputs, tmp_path)
+    assert written.read_text() == (RUNS / name / "report.md").read_text()
