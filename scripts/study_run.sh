@@ -10,8 +10,9 @@ $PY -m reprpo_pl.train -m experiment=study_math seed=1 method.lr=3e-5,1e-4,3e-4
 $PY scripts/study_sync.py study
 LR=$($PY scripts/study_pick_lr.py study/math)   # e.g. study.lr.dpo=0.0001 ...; exits 2 if a method has no coherent lr
 echo "picked: $LR"
-# part 2: the grids, seeds 1-3 per method, source by source
-for source in math unhelpful_alpaca math_easy; do
+# part 2: the grids, seeds 1-3 per method, source by source;
+# part 3: the difficulty pair's target-tuned reference (trained on math_hard, seed 1) for the differential elicitation
+for source in math unhelpful_alpaca math_easy math_hard; do
   $PY -m reprpo_pl.train -m experiment=study_$source $LR
   $PY scripts/study_sync.py study
 done
