@@ -7,9 +7,10 @@ PY=${PY:-.venv/bin/python}
 mkdir -p study
 # part 1: the learning rates, on math's validation slice (seed 1; these are also the math grid's seed-1 jobs)
 $PY -m reprpo_pl.train -m experiment=study_math seed=1 method.lr=3e-5,1e-4,3e-4
-$PY scripts/study_sync.py study
-LR=$($PY scripts/study_pick_lr.py study/math)   # e.g. study.lr.dpo=0.0001 ...; exits 2 if a method has no coherent lr
+# e.g. study.lr.dpo=0.0001 ...; exits 2 if a method has no coherent lr. The other lrs' jobs go to study/lr_selection
+LR=$($PY scripts/study_pick_lr.py study/math --set-aside study/lr_selection)
 echo "picked: $LR"
+$PY scripts/study_sync.py study
 # part 2: the grids, seeds 1-3 per method, source by source;
 # part 3: the difficulty pair's target-tuned reference (trained on math_hard, seed 1) for the differential elicitation
 for source in math unhelpful_alpaca math_easy math_hard; do

@@ -114,3 +114,23 @@ def test_the_committed_study_reports_regenerate_exactly(name, tmp_path):
     inputs = [path for pattern in REPORTS[name] for path in sorted(RUNS.glob(pattern))]
     written = report(inputs, tmp_path)
     assert written.read_text() == (RUNS / name / "report.md").read_text()
+
+
+def test_the_lr_pick_sets_the_other_lrs_jobs_aside(tmp_path, capsys):
+    """scripts/study_pick_lr.py: not ready (exit 2) until a method has its 3 lrs; then it prints the pick as an override
+    and ``--set-aside`` leaves the grid's folder holding the picked lr's job alone."""
+    sweep = tmp_path / "study" / "math"
+    tiny = [*TINY, "data.root=null", "data.ethics_root=null", "data.n_train=4", "data.n_val=2", "eval.n_samples=2",
+            "eval.n_samples_during=2", "trainer.precision=32-true", "method=dpo", "seed=1", f"hydra.sweep.dir={sweep}"]
+    pick_lr = _script("study_pick_lr")
+    assert run_inprocess(["-m", "experiment=study_math", *tiny, "method.lr=1e-5,2e-5"], tmp_path / "unused").code == 0
+    assert pick_lr.main([str(sweep), "--set-aside", str(tmp_path / "aside")]) == 2
+    assert "dpo: 2 of 3 lrs finished" in capsys.readouterr().err and not (tmp_path / "aside").exists()
+    assert run_inprocess(["-m", "experiment=study_math", *tiny, "method.lr=3e-5"], tmp_path / "unused").code == 0
+    assert pick_lr.main([str(sweep), "--set-aside", str(tmp_path / "aside")]) == 0
+    override = capsys.readouterr().out.strip()
+    assert override.startswith("study.lr.dpo=")
+    picked = f"dpo_lr{float(override.split('=')[1])}_s1"
+    jobs = {"dpo_lr1e-05_s1", "dpo_lr2e-05_s1", "dpo_lr3e-05_s1"}
+    assert picked in jobs and [p.name for p in sweep.iterdir() if p.is_dir()] == [picked]
+    assert {p.name for p in (tmp_path / "aside").iterdir()} == jobs - {picked}
