@@ -213,3 +213,13 @@ def test_export_runs_before_results_whatever_the_order():
     names = list(OmegaConf.load(Path(CONF_DIR) / "callbacks" / "default.yaml"))
     assert names.index("adapter_export") < names.index("shift_eval")
     assert adapter_export.ADAPTER_DIR == "adapter"
+
+
+def test_a_run_without_the_eval_callback_trains_and_exports_without_results(tmp_path):
+    """`~callbacks.shift_eval` trains only: the adapter and the checkpoint are written, no results.json, and
+    the log says how to evaluate (it used to end in a bare StopIteration)."""
+    result = run_inprocess([*TINY, "method=dpo", "~callbacks.shift_eval"], tmp_path / "run")
+    assert result.code == 0, result.stderr[-2000:]
+    assert "adapter/adapter_model.safetensors" in result.left and "checkpoints/last.ckpt" in result.left
+    assert "results.json" not in result.left
+    assert "callbacks.shift_eval is off" in result.stdout + result.stderr

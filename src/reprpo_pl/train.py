@@ -92,8 +92,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     failed = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        evaluator = next(cb for cb in callbacks if isinstance(cb, ShiftEvalCallback))
-        if evaluator.results is None:  # fit returned without training (its loop was done); every rank: the final evaluation is sharded
+        evaluator = next((cb for cb in callbacks if isinstance(cb, ShiftEvalCallback)), None)
+        if evaluator is None:  # `~callbacks.shift_eval`: train only
+            log.warning("callbacks.shift_eval is off: trained without evaluation, no results.json; evaluate with "
+                        "python -m reprpo_pl.eval ckpt_path=%s", run_dir)
+        elif evaluator.results is None:  # fit returned without training (its loop was done); every rank: the final evaluation is sharded
             finish_trained_run(cfg, trainer, module)
         failed = False
     except TrialPruned:  # an Optuna trial that callbacks.optuna_pruning stopped: not a failure, no results
@@ -107,7 +110,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         EXIT_INTERRUPTED if stopped_by == "SIGINT" else EXIT_PREEMPTED) from None
     finally:
         finish_wandb(failed)
-    return evaluator.results or {}
+    return (evaluator.results if evaluator is not None else None) or {}
 
 
 def finish_trained_run(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule) -> None:
