@@ -605,10 +605,12 @@ def gemm_peak(threads: int) -> dict[str, Any]:
 
 def eval_throughput(cfg) -> dict[str, Any]:
     """Pairs per second of scoring base and adapter (as a run's shift evaluation does) on the default run's
-    targets, under the run's default precision and in fp32: the module of ``cfg`` (untrained adapter), the
+    targets: as a run does now (its default precision, `eval_batches`' length-ordered batches) and as it did
+    when issue 13 was filed (fp32, batches in eval-set order): the module of ``cfg`` (untrained adapter), the
     targets' ``eval.n_samples`` pairs each, ``eval.batch_size``, the packed layout."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
 
     from reprpo_pl.data.datamodule import PreferenceDataModule
     from reprpo_pl.eval.scorer import score_pairs
@@ -621,7 +623,10 @@ def eval_throughput(cfg) -> dict[str, Any]:
         dm = PreferenceDataModule(cfg.data, cfg.dataset, cfg.eval)
         dm.tokenizer = module.tokenizer
         dm.setup()
-        loaders = [dm.eval_dataloader(target) for target in dm.eval_sets]
+        if key == "fp32":
+            loaders = [DataLoader(pairs, batch_size=dm.eval_batch_size, collate_fn=dm.collator) for pairs in dm.eval_sets.values()]
+        else:
+            loaders = [dm.eval_dataloader(target) for target in dm.eval_sets]
         pairs = sum(len(loader.dataset) for loader in loaders)
         out |= {"pairs": pairs, "targets": len(loaders)}
         with precision_context(precision, "cpu"):
@@ -634,6 +639,7 @@ def eval_throughput(cfg) -> dict[str, Any]:
         out[f"seconds_{key}"] = seconds
         out["pairs_per_s" if key == "default" else "pairs_per_s_fp32"] = pairs / seconds
     out["speedup_vs_fp32"] = out["pairs_per_s"] / out["pairs_per_s_fp32"]
+    out["baseline"] = "fp32, batches in eval-set order: the evaluation when issue 13 was filed"
     return out
 
 

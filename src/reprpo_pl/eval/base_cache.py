@@ -32,7 +32,7 @@ from reprpo_pl.models.loading import cache_dir
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "REPRPO_SCORE_CACHE"
-FORMAT = 1  # bump when scoring changes what a base score is (score_pairs, completion_logps, the collator)
+FORMAT = 2  # bump when scoring changes what a base score is (score_pairs, completion_logps, the collator, eval_batches)
 FIELDS = ("logp_cho", "logp_rej", "n_cho", "n_rej")
 
 

@@ -14,12 +14,12 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from reprpo_pl.data.datamodule import PreferenceDataModule
+from reprpo_pl.data.datamodule import PreferenceDataModule, eval_batches
 from reprpo_pl.data.sources import subset_rows
 from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.eval.base_cache import BaseScoreCache, open_base_cache
 from reprpo_pl.eval.metrics import SUMMARY_KEYS, objective, shift_summary, target_metrics
-from reprpo_pl.eval.pair_scores import PairScores, shard_batches
+from reprpo_pl.eval.pair_scores import PairScores
 from reprpo_pl.eval.results import non_finite, per_row_records, run_label, write_curves, write_per_row, write_results
 from reprpo_pl.eval.scorer import RowScores, score_pairs
 
@@ -36,7 +36,7 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
     does the same across runs: a target's base scores are read from it when present, written to it (by rank 0)
     when not.
 
-    Distributed (``world_size`` > 1, every rank calling this): rank ``rank`` scores its `shard_batches` of each
+    Distributed (``world_size`` > 1, every rank calling this): rank ``rank`` scores its `eval_batches` of each
     target and `PairScores` gathers every rank's rows, so every rank returns what a single process would.
 
     Returns the per-target metric rows and, per target, the per-pair records (`per_row_records`); ``keep_scores``, when
@@ -53,7 +53,7 @@ def evaluate_targets(model: Any, datamodule: PreferenceDataModule, base_cache: d
             base_known = disk_cache.load(key, len(pairs))
             if base_known is not None:
                 log.info("eval %s: base scores from cache (%s)", target.name, disk_cache.path(key))
-        shard = shard_batches(len(pairs), datamodule.eval_batch_size, rank, world_size)
+        shard = eval_batches(pairs, datamodule.eval_batch_size, rank, world_size)
         loader = DataLoader(pairs, batch_sampler=shard, collate_fn=datamodule.collator)
         scores = score_pairs(model, loader, with_base=base_known is None, desc=f"eval {target.name}")
         index = torch.tensor([i for batch in shard for i in batch], dtype=torch.long)

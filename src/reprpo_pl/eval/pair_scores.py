@@ -60,10 +60,3 @@ def _cat(state: Tensor | list[Tensor]) -> Tensor:
     """A ``cat`` state: after a sync torchmetrics leaves one tensor, without one a list of the updates' tensors."""
     return torch.cat(state) if isinstance(state, list) else state
 
-
-def shard_batches(n_rows: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """The batches (lists of row positions) that ``rank`` of ``world_size`` scores: the single-process batches
-    ``[0..B-1], [B..2B-1], …`` dealt round-robin, so every pair is scored in the same batch (same padding, same
-    numbers) as in a single process. A rank may get none (more ranks than batches)."""
-    batches = [list(range(start, min(start + batch_size, n_rows))) for start in range(0, n_rows, batch_size)]
-    return batches[rank::world_size]
