@@ -295,3 +295,18 @@ def test_the_learning_rate_is_picked_on_validation_among_coherent_lrs(tmp_path):
     assert "| dpo | 0.0003 | 0.900 (n=90, 1 run) | train +5.00, validation +0.90 | ⚠ likely incoherent |  |" in md
     # the validation row is a column of the shift tables, not part of the default objective
     assert "| adapter | train | validation | in_domain |" in md
+
+
+def test_the_study_lr_table_is_not_a_config_difference(tmp_path):
+    """The study's seeds 2-3 ran with the picked `study.lr` table and its seed-1 runs with the lr selection's: the
+    same method.lr, so they pool without a note; a difference outside the table is still named."""
+    for seed, table in ((1, {"dpo": 1e-4, "innerdpo": 3e-4}), (2, {"dpo": 1e-4, "innerdpo": 1e-4})):
+        doc = fake_results("dpo", seed, {t: 0.6 for t, _ in TARGETS})
+        doc["config"]["study"] = {"lr": table}
+        write(tmp_path / "grid" / str(seed), doc)
+    assert "Pooled runs whose configs differ" not in report([tmp_path]).read_text()
+    doc = fake_results("dpo", 3, {t: 0.6 for t, _ in TARGETS})
+    doc["config"]["method"]["beta"] = 0.2
+    write(tmp_path / "grid" / "3", doc)
+    md = report([tmp_path]).read_text()
+    assert "- dpo: method.beta" in md and "study.lr" not in md

@@ -35,6 +35,9 @@ COHERENCE = "log_ppl_chosen_delta"  # shown beside every accuracy table; a cell 
 METRICS = ("acc", "acc_delta", "acc_gain_vs_ref", COHERENCE, "perplexity_reduction_vs_ref", "preference_logp_gain_vs_ref")
 BASE_KEY = {"acc": "acc_base"}  # metrics with a base-model counterpart get a `base` row
 IGNORED_CONFIG_KEYS = {"seed", "ckpt_path"}  # differences that are expected within a group
+# the study experiments' lr table (conf/experiment/_study.yaml): a run trains at its own method's entry, which is
+# method.lr (compared); the other entries, set per part of the study, change nothing in it
+IGNORED_CONFIG_PREFIXES = ("study.lr.",)
 
 
 # ---- finding runs ---------------------------------------------------------------------------
@@ -176,7 +179,8 @@ def config_differences(runs: Sequence[dict[str, Any]]) -> list[str]:
     as if they were seeds of one setting, which they are not (e.g. the trials of an Optuna sweep)."""
     flat = [_flatten(r.get("config") or {}) for r in runs]
     keys = set().union(*flat) if flat else set()
-    return sorted(k for k in keys if k not in IGNORED_CONFIG_KEYS and len({f.get(k) for f in flat}) > 1)
+    return sorted(k for k in keys if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)
+                  and len({f.get(k) for f in flat}) > 1)
 
 
 # ---- tables -----------------------------------------------------------------------------------
