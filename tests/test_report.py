@@ -228,8 +228,8 @@ def test_paired_bootstrap_interval():
     assert paired_bootstrap([d, np.ones(10)])[0] == pytest.approx((d.mean() + 1) / 2)  # mean over run × target
 
 
-def test_report_bootstraps_groups_with_few_seeds(sweep):
-    """The 1-seed group gets paired bootstrap CIs of acc_delta from its eval/<target>.jsonl; 3-seed groups do not."""
+def test_report_bootstraps_every_group_with_per_row_files(sweep):
+    """A group with eval/<target>.jsonl files gets paired bootstrap CIs of acc_delta; groups without them get no row."""
     import torch
 
     from reprpo_pl.eval.results import per_row_records, write_per_row
@@ -247,7 +247,44 @@ def test_report_bootstraps_groups_with_few_seeds(sweep):
     table = md.split("### acc_delta per shift type: paired bootstrap 95% CI over pairs")[1].split("###")[0]
     row = next(line for line in table.splitlines() if line.startswith("| projgrad | "))
     assert row.startswith("| projgrad | 0.500 [") and "(n=8 pairs)" in row  # cross_domain: two targets of 4 pairs
-    assert "| dpo |" not in table and "| innerdpo/ether |" not in table  # 3 seeds: Student t over seeds suffices
+    assert "| dpo |" not in table and "| innerdpo/ether |" not in table  # the sweep's runs wrote no per-row files
+
+
+def test_the_bootstrap_resamples_a_pair_with_all_its_seeds(tmp_path):
+    """Seeds scored the same pairs: each pair's difference is averaged over seeds before the pairs are resampled, so
+    three seeds that agree give the one seed's interval (resampled apart, they would narrow it by √3), and seeds
+    that disagree on a pair count it by their mean."""
+    import torch
+
+    from reprpo_pl.eval.results import per_row_records, write_per_row
+    from reprpo_pl.eval.scorer import RowScores
+    from reprpo_pl.report import Section, load_runs, pair_differences, seed_mean_differences, sections_of
+
+    def run(name: str, seed: int, adapter_cho: list[float]) -> None:
+        n = len(adapter_cho)
+        ones = torch.ones(n)
+        base = RowScores(torch.full((n,), -3.0), torch.full((n,), -2.0), ones, ones)  # every pair wrong
+        adapter = RowScores(torch.tensor(adapter_cho), torch.full((n,), -2.0), ones, ones)  # right where -1
+        write(tmp_path / name / str(seed), fake_results("dpo", seed, {t: 0.5 for t, _ in TARGETS}))
+        write_per_row(tmp_path / name / str(seed),
+                      {t: per_row_records([f"{t}/test/{i}" for i in range(n)], base, adapter) for t, _ in TARGETS})
+
+    flips = [-1.0 if i % 3 == 0 else -3.0 for i in range(30)]  # 10 of 30 pairs flipped to correct
+    run("one", 1, flips)
+    for seed in (1, 2, 3):
+        run("three", seed, flips)
+
+    def interval(name: str) -> tuple:
+        runs, _ = load_runs(find_results([tmp_path / name])[0])
+        section: Section = sections_of(runs)[0]
+        return section.bootstrap_stats(0.95)["dpo"]["in_domain"]
+
+    assert interval("one") == interval("three") and interval("one")[2] - interval("one")[1] > 0.2
+    a, b = ({("math", "test", i): v for i, v in enumerate(d)} for d in ([1.0, 0.0, 1.0], [0.0, 0.0, 1.0]))
+    assert seed_mean_differences([a, b]).tolist() == [0.5, 0.0, 1.0]
+    assert seed_mean_differences([a, {**b, ("math", "test", 9): 1.0}]) is None  # different pairs: not pooled
+    assert seed_mean_differences([a, None]) is None
+    assert pair_differences(tmp_path / "missing.jsonl") is None
 
 
 def test_runs_of_one_method_at_several_learning_rates_get_a_row_each(tmp_path):

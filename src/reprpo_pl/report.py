@@ -6,8 +6,8 @@ Writes report.md (per-shift table with the coherence table beside it, objective,
 "matched in-domain accuracy" table, GENIES' differential elicitation where target-tuned runs are among the inputs),
 report.png (bar chart with CI error bars) and matched_in_domain.png (out-of-domain vs in-domain accuracy, a colour
 per method) into --out (default: the first input dir) and prints the per-shift, matched and GENIES tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is
-marked likely incoherent. Groups with fewer than 3 seeds also get paired bootstrap CIs of acc_delta over the pairs of
-their eval/<target>.jsonl.
+marked likely incoherent. Every group with per-pair files (eval/<target>.jsonl) also gets paired bootstrap CIs of
+acc_delta over its pairs: the seeds' CIs measure training variance on fixed pairs, the bootstrap which pairs were drawn.
 """
 
 from __future__ import annotations
@@ -118,27 +118,40 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return float(x.mean()), float(half), n
 
 
-FEW_SEEDS = 3  # a group with fewer runs also gets paired bootstrap CIs over its pairs (eval/<target>.jsonl)
 N_RESAMPLES = 2000
 
 
-def pair_differences(path: Path) -> np.ndarray | None:
-    """``[N]`` adapter − base correctness (−1, 0 or 1) of each pair of a per-row file (``eval/<target>.jsonl``:
-    correct = the per-token mean log-prob of chosen beats rejected's), or None when it is missing or unreadable."""
+def pair_differences(path: Path) -> dict[tuple[str, str, int], float] | None:
+    """Adapter − base correctness (−1, 0 or 1) of each pair of a per-row file (``eval/<target>.jsonl``: correct = the
+    per-token mean log-prob of chosen beats rejected's), keyed by the pair's ``(distribution, split, index)``; None
+    when the file is missing, unreadable or empty."""
     try:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        correct = {role: np.array([r[f"{role}_logp_chosen"] / r[f"{role}_n_chosen"] > r[f"{role}_logp_rejected"] / r[f"{role}_n_rejected"]
-                                   for r in records], dtype=float) for role in ("base", "adapter")}
+        out = {}
+        for r in records:
+            correct = [r[f"{role}_logp_chosen"] / r[f"{role}_n_chosen"] > r[f"{role}_logp_rejected"] / r[f"{role}_n_rejected"]
+                       for role in ("adapter", "base")]
+            out[(r["distribution"], r["split"], r["index"])] = float(correct[0]) - float(correct[1])
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return None
-    return correct["adapter"] - correct["base"] if records else None
+    return out or None
+
+
+def seed_mean_differences(per_run: Sequence[dict[tuple[str, str, int], float] | None]) -> np.ndarray | None:
+    """``[N]``: each pair's `pair_differences` averaged over a group's runs (its seeds), which scored the same pairs of
+    one target; None when a run lacks its file or the runs' pairs differ."""
+    if not per_run or any(d is None for d in per_run) or len({frozenset(d) for d in per_run}) > 1:
+        return None
+    keys = sorted(per_run[0])
+    return np.mean([[d[k] for k in keys] for d in per_run], axis=0)
 
 
 def paired_bootstrap(differences: Sequence[np.ndarray], confidence: float = 0.95, n_resamples: int = N_RESAMPLES,
                      seed: int = 0) -> tuple[float, float, float, int]:
-    """``(estimate, low, high, n pairs)``: the mean over ``differences`` (one ``[N_i]`` array of paired adapter − base
-    correctness per run × target) of their means, and its percentile interval from ``n_resamples`` resamples of
-    each array's pairs with replacement. It measures the spread due to which pairs were drawn, not seed variance."""
+    """``(estimate, low, high, n pairs)``: the mean over ``differences`` (one ``[N_i]`` array per target of each pair's
+    adapter − base correctness, averaged over seeds by `seed_mean_differences`) of their means, and its percentile
+    interval from ``n_resamples`` resamples of each array's pairs with replacement. A pair is resampled with all its
+    seeds, so the interval measures the spread due to which pairs were drawn, not seed variance."""
     rng = np.random.default_rng(seed)
     estimate = float(np.mean([d.mean() for d in differences]))
     resampled = np.mean([d[rng.integers(0, len(d), (n_resamples, len(d)))].mean(axis=1) for d in differences], axis=0)
@@ -255,16 +268,15 @@ class Section:
 
 
     def bootstrap_stats(self, confidence: float) -> dict[str, dict[str, tuple[float, float, float, int] | None]]:
-        """``{row label: {shift: paired_bootstrap(...) or None}}`` of ``acc_delta`` for the groups with fewer than
-        `FEW_SEEDS` runs, from their per-row files (None where a run lacks one)."""
+        """``{row label: {shift: paired_bootstrap(...) or None}}`` of ``acc_delta`` per group, from its runs' per-row
+        files (None where a run lacks one or the runs scored different pairs)."""
         out: dict[str, dict[str, tuple[float, float, float, int] | None]] = {}
         for label, runs in self.groups.items():
-            if len(runs) >= FEW_SEEDS:
-                continue
             out[label] = {}
             for shift in self.shifts:
-                found = [pair_differences(Path(r["_path"]) / ROWS_DIR / f"{t['target']}.jsonl")
-                         for r in runs for t in r["targets"] if t["shift"] == shift]
+                targets = sorted({t["target"] for r in runs for t in r["targets"] if t["shift"] == shift})
+                found = [seed_mean_differences([pair_differences(Path(r["_path"]) / ROWS_DIR / f"{target}.jsonl")
+                                                for r in runs]) for target in targets]
                 ok = bool(found) and all(d is not None for d in found)
                 out[label][shift] = paired_bootstrap(found, confidence) if ok else None
         return out
@@ -302,13 +314,15 @@ def shift_tables(section: Section, metric: str, confidence: float) -> list[str]:
 
 
 def bootstrap_table(section: Section, confidence: float) -> list[str]:
-    """Markdown lines: `Section.bootstrap_stats` as a table, or nothing when no group has few seeds and per-row files."""
-    stats_ = section.bootstrap_stats(confidence)
-    if not any(cell is not None for cells in stats_.values() for cell in cells.values()):
+    """Markdown lines: `Section.bootstrap_stats` as a table (the groups with per-row files), or nothing without any."""
+    stats_ = {label: cells for label, cells in section.bootstrap_stats(confidence).items()
+              if any(cell is not None for cell in cells.values())}
+    if not stats_:
         return []
     rows = [[label, *("–" if cells[s] is None else fmt_interval(*cells[s]) for s in section.shifts)] for label, cells in stats_.items()]
-    return [f"### acc_delta per shift type: paired bootstrap {confidence:.0%} CI over pairs (groups with fewer than "
-            f"{FEW_SEEDS} seeds; {N_RESAMPLES} resamples of eval/<target>.jsonl; pair sampling only, not seed variance)", "",
+    return [f"### acc_delta per shift type: paired bootstrap {confidence:.0%} CI over pairs (each pair's adapter − base "
+            f"correctness averaged over the group's seeds, pairs resampled {N_RESAMPLES} times from eval/<target>.jsonl: "
+            "which pairs were drawn, not seed variance)", "",
             markdown_table(["adapter", *section.shifts], rows), ""]
 
 
