@@ -23,7 +23,7 @@ test-full:  ## every test, including the slow real-model ones
 train:  ## the default run: innerdpo + ether on SmolLM2-135M, embedded data, CPU
 	$(PY) -m reprpo_pl.train
 
-bench:  ## TRL DPOTrainer (fp32, bf16) vs our dpo and innerdpo, GEMM peak, eval pairs/s; writes benchmarks/results/<date>-<machine>.json
+bench:  ## TRL DPOTrainer (fp32, bf16) vs our dpo and innerdpo, GEMM peak, eval pairs/s, the default run; writes benchmarks/results/<date>-<machine>.json
 	$(PY) benchmarks/bench.py
 
 report:  ## aggregate results.json files: make report RUNS=multirun/<date>/<time>

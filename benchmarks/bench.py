@@ -48,7 +48,9 @@ reported as a fraction of its dtype's peak. The same count is used for every sys
 completion positions against the vocabulary and encodes each prompt once, so it does less arithmetic than
 it is credited with: the fraction measures useful work per second, not kernel efficiency). ``eval`` scores
 base and adapter on the default run's targets (``eval.n_samples`` pairs each) under the run's precision and in
-fp32 (the pre-bf16 default), and reports pairs per second of each.
+fp32 with batches in eval-set order (the evaluation when issue 13 was filed), and reports pairs per second of each.
+``default_run`` times ``python -m reprpo_pl.train`` with no overrides, as a user runs it (the GGUF already converted,
+an empty base-score cache, the OpenMP wait policy left at its default): wall and CPU seconds, and its own timing.
 
 Writes ``benchmarks/results/<date>-<machine>.json`` and prints a markdown table.
 """
@@ -75,8 +77,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TRAINING = ("trl", "trl_bf16", "dpo", "innerdpo", "dpo_fp32")  # systems timed step by step
-SYSTEMS = (*TRAINING, "gemm", "eval")  # + the GEMM peak and evaluation throughput, each one measurement
-DEFAULT_SYSTEMS = ("trl", "trl_bf16", "dpo", "innerdpo", "gemm", "eval")
+SYSTEMS = (*TRAINING, "gemm", "eval", "default_run")  # + GEMM peak, eval throughput and the default run, one measurement each
+DEFAULT_SYSTEMS = ("trl", "trl_bf16", "dpo", "innerdpo", "gemm", "eval", "default_run")
+ONCE = ("gemm", "eval", "default_run")  # systems measured once, not step by step
 TRL_SYSTEMS = ("trl", "trl_bf16")
 PROTOCOL_FD_ENV = "REPRPO_BENCH_FD"
 
@@ -314,6 +317,7 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
     sys_ = out["systems"]
     out["gemm"] = gemm
     out["eval"] = (finals_of.get("eval") or [{}])[0].get("summary")
+    out["default_run"] = (finals_of.get("default_run") or [{}])[0].get("summary")
     trl = [s for s in TRL_SYSTEMS if sys_.get(s, {}).get("median_step_s")]
     best = min(trl, key=lambda s: sys_[s]["median_step_s"]) if trl else None
     out["trl_best"] = best
@@ -339,6 +343,7 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
     out["eval_pairs_per_s"] = (out["eval"] or {}).get("pairs_per_s")
     out["eval_pairs_per_s_fp32"] = (out["eval"] or {}).get("pairs_per_s_fp32")
     out["eval_speedup_vs_fp32"] = (out["eval"] or {}).get("speedup_vs_fp32")
+    out["default_run_s"] = (out["default_run"] or {}).get("wall_s")
 
     def within(key: str, limit: float, above: bool = False) -> bool | None:
         value = out.get(key)
@@ -351,6 +356,7 @@ def summarise(args: argparse.Namespace, systems: list[str], children: list[Child
         "rss_vs_trl <= 0.70": within("rss_vs_trl", 0.70),
         "dpo_peak_fraction >= 0.35": within("dpo_peak_fraction", 0.35, above=True),
         "eval_speedup_vs_fp32 >= 2": within("eval_speedup_vs_fp32", 2.0, above=True),
+        "default_run_s <= 150": within("default_run_s", 150.0),
     }
     return out
 
@@ -380,7 +386,7 @@ def table(result: dict[str, Any]) -> str:
             f"| {f(s.get('epoch2_median_step_s'), '.2f')} | {f(s.get('epoch2_over_epoch1'), '.2f')} |"
         )
     keys = ("dpo_vs_trl_best", "innerdpo_vs_dpo", "epoch2_vs_epoch1", "rss_vs_trl", "dpo_peak_fraction",
-            "eval_pairs_per_s", "eval_pairs_per_s_fp32", "dpo_vs_trl_best_cpu", "innerdpo_vs_dpo_cpu")
+            "eval_pairs_per_s", "eval_pairs_per_s_fp32", "default_run_s", "dpo_vs_trl_best_cpu", "innerdpo_vs_dpo_cpu")
     ratios = ", ".join(f"{k} = {result[k]:.3f}" for k in keys if result.get(k) is not None)
     gemm = result.get("gemm") or {}
     peaks = ", ".join(f"{d} {gemm[f'peak_{d}_flops_per_s'] / 1e9:.0f}" for d in ("fp32", "bf16") if gemm.get(f"peak_{d}_flops_per_s"))
@@ -548,9 +554,12 @@ def run_child(args: argparse.Namespace) -> None:
         machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine)
         profile_to = args.out / f"{dt.date.today().isoformat()}-{machine}-profile-{args.child}.txt"
     gate = Gate(args.child, args.warmup, per_epoch, per_epoch * epochs, profile_to)
-    if args.child in ("gemm", "eval"):
-        cfg = bench_config("dpo", args, 1)
-        summary = gemm_peak(args.threads) if args.child == "gemm" else eval_throughput(cfg)
+    if args.child in ONCE:
+        if args.child == "default_run":
+            summary = default_run()
+        else:
+            cfg = bench_config("dpo", args, 1)
+            summary = gemm_peak(args.threads) if args.child == "gemm" else eval_throughput(cfg)
         gate.done(summary=summary)
         return
     cfg = bench_config(args.child, args, epochs)
@@ -641,6 +650,28 @@ def eval_throughput(cfg) -> dict[str, Any]:
     out["speedup_vs_fp32"] = out["pairs_per_s"] / out["pairs_per_s_fp32"]
     out["baseline"] = "fp32, batches in eval-set order: the evaluation when issue 13 was filed"
     return out
+
+
+def default_run() -> dict[str, Any]:
+    """``python -m reprpo_pl.train`` with no overrides in a temporary run dir and an empty base-score cache: its wall
+    and CPU seconds (the process and its threads) and the run's own ``timing`` (training and evaluation)."""
+    from reprpo_pl.eval.base_cache import CACHE_ENV
+
+    with tempfile.TemporaryDirectory(prefix="reprpo-bench-default-") as tmp:
+        env = {k: v for k, v in os.environ.items() if k not in (PROTOCOL_FD_ENV, "OMP_WAIT_POLICY")}
+        env[CACHE_ENV] = str(Path(tmp) / "base_scores")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "reprpo_pl.train", f"hydra.run.dir={Path(tmp) / 'run'}"],
+                              cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise SystemExit(f"the default run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        timing = json.loads((Path(tmp) / "run" / "results.json").read_text())["timing"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"command": "python -m reprpo_pl.train", "base_score_cache": "empty", "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), "train_s": timing.get("train_s"), "eval_s": timing.get("eval_s")}
 
 
 def run_ours(cfg, args: argparse.Namespace, gate: Gate, epochs: int) -> dict[str, Any]:
