@@ -223,3 +223,9 @@ def test_a_run_without_the_eval_callback_trains_and_exports_without_results(tmp_
     assert "adapter/adapter_model.safetensors" in result.left and "checkpoints/last.ckpt" in result.left
     assert "results.json" not in result.left
     assert "callbacks.shift_eval is off" in result.stdout + result.stderr
+    # what the log points to: `python -m reprpo_pl.eval ckpt_path=<run dir>` scores that checkpoint
+    from reprpo_pl.eval.from_checkpoint import evaluate_checkpoint
+
+    results = evaluate_checkpoint(compose_config("eval", [f"ckpt_path={tmp_path / 'run'}"]), tmp_path / "scored")
+    assert results["method"] == "dpo" and results["global_step"] == 2 and len(results["targets"]) > 1  # 4 pairs, batch 2
+    assert (tmp_path / "scored" / "results.json").is_file()
