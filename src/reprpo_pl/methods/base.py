@@ -15,7 +15,7 @@ from torch import Tensor
 
 from reprpo_pl.errors import NonFiniteError, UserError
 from reprpo_pl.methods.ref_cache import RefCache, reference_fingerprint
-from reprpo_pl.models.loading import add_lora, cast_frozen_linears, load_base_model
+from reprpo_pl.models.loading import add_lora, cast_frozen_linears, load_base_model, share_input_casts
 from reprpo_pl.models.logprobs import (
     AGGS,
     aggregate,
@@ -70,6 +70,8 @@ class PreferenceModule(L.LightningModule):
         if str(cfg.get("trainer", {}).get("precision")).startswith("bf16"):
             cast_frozen_linears(base, torch.bfloat16)  # what autocast would round them to anyway, without the copies
         self.model = add_lora(base, cfg.adapter)
+        if str(cfg.get("trainer", {}).get("precision")).startswith("bf16"):
+            share_input_casts(self.model)  # one bf16 rounding of each layer input, not one per consuming layer
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
         self.strict_loading = False  # checkpoints hold no frozen base weights (`saved_state_names`)
         enabled = bool(cfg.ref_cache.enabled)
