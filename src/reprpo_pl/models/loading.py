@@ -225,7 +225,10 @@ def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedToke
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     if model_cfg.get("gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer
 
