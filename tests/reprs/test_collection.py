@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from reprpo_pl.errors import UserError
+from reprpo_pl.models.loading import enable_activation_checkpointing
 from reprpo_pl.models.tiny import tiny_llama
 from reprpo_pl.reprs.collection import HiddenStateCollector
 
@@ -191,11 +192,11 @@ def _states_and_lora_grads(model: PeftModel, mode: str, check_recompute: bool) -
 def test_gradient_checkpointing_gives_same_states_and_grads(mode: str, input_require_grads: bool) -> None:
     model = _peft().train()
     states_off, grads_off = _states_and_lora_grads(model, mode, check_recompute=False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     if input_require_grads:
         model.enable_input_require_grads()
     else:
-        model.disable_input_require_grads()  # transformers 5 enables it in gradient_checkpointing_enable
+        model.disable_input_require_grads()  # transformers 5 enables it in activation_checkpointing_enable
     states_on, grads_on = _states_and_lora_grads(model, mode, check_recompute=True)
     assert states_on.keys() == states_off.keys()
     for key in states_off:
@@ -207,7 +208,7 @@ def test_gradient_checkpointing_gives_same_states_and_grads(mode: str, input_req
 
 def test_side_refuses_reentrant_checkpointing() -> None:
     model = _peft().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(model, use_reentrant=True)
     with pytest.raises(UserError, match="use_reentrant"), HiddenStateCollector(model, "side", [1]):
         pass
     with torch.no_grad(), HiddenStateCollector(model, "side", [1]):  # no backward: nothing to refuse

@@ -225,12 +225,18 @@ def load_base_model(model_cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedToke
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     if model_cfg.get("gradient_checkpointing", False):
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on transformers' activation (gradient) checkpointing: transformers 5 names it
+    `activation_checkpointing_enable` and warns on the old `gradient_checkpointing_enable`, which 4.x only has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
 
 
 def cast_frozen_linears(model: PreTrainedModel, dtype: torch.dtype) -> int:
