@@ -108,3 +108,15 @@ def test_a_rounding_is_reused_only_for_the_same_unchanged_tensor_in_the_same_gra
     y.add_(1)
     after = last(y, torch.bfloat16)
     assert after is not before and torch.equal(after, y.bfloat16())  # the version counter caught the in-place add
+
+
+def test_quantized_layers_are_left_to_cast_for_themselves():
+    """A linear layer with integer weights (bitsandbytes' 4/8-bit layers subclass `nn.Linear`) gets no hook: its
+    input must not be cast to its weight's dtype."""
+    model = lora_model(True, share=False)
+    hooked = share_input_casts(model)
+    quantized = lora_model(True, share=False)
+    layer = quantized.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.uint8), requires_grad=False)
+    assert share_input_casts(quantized) == hooked - 1
+    assert not layer._forward_pre_hooks or all("round_input_once" not in repr(h) for h in layer._forward_pre_hooks.values())

@@ -295,7 +295,8 @@ class _LastCast:
 
 def share_input_casts(model: nn.Module) -> int:
     """Round each linear layer's input for autocast once per tensor instead of once per layer; returns how many
-    layers are hooked (every `nn.Linear` but the output embeddings, adapter factors included).
+    layers are hooked (every `nn.Linear` with floating-point weights but the output embeddings, adapter factors
+    included; quantized layers such as bitsandbytes' cast their inputs themselves).
 
     Under autocast each matmul rounds its fp32 input to bf16 itself: the 3 attention projections, the 2 MLP
     input projections and each one's LoRA A read the same norm output, so one forward rounded it 6 + 4 times
@@ -305,7 +306,7 @@ def share_input_casts(model: nn.Module) -> int:
     input cast is switched off (each LoRA A casts for itself outside autocast, as peft would). The gradients
     of the consumers of one rounded input now add up in bf16 before the cast back to fp32, not in fp32."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not output]
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.is_floating_point() and m is not output]
     last = _LastCast()
     for layer in layers:
         layer.register_forward_pre_hook(partial(_round_input_once, last=last))
