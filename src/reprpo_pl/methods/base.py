@@ -67,10 +67,11 @@ class PreferenceModule(L.LightningModule):
                             "concatenated pair layout; drop the override")
         self.packed = bool(self.method_cfg.packed_forward)
         base, self.tokenizer = load_base_model(cfg.model)
-        if str(cfg.get("trainer", {}).get("precision")).startswith("bf16"):
+        bf16 = str(cfg.get("trainer", {}).get("precision")).startswith("bf16")
+        if bf16:
             cast_frozen_linears(base, torch.bfloat16)  # what autocast would round them to anyway, without the copies
         self.model = add_lora(base, cfg.adapter)
-        if str(cfg.get("trainer", {}).get("precision")).startswith("bf16"):
+        if bf16:
             share_input_casts(self.model)  # one bf16 rounding of each layer input, not one per consuming layer
         self.model.train()  # from_pretrained leaves eval mode; dropout is 0 by default, the reference pass sets eval itself
         self.strict_loading = False  # checkpoints hold no frozen base weights (`saved_state_names`)
