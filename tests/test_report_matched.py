@@ -99,6 +99,23 @@ def test_no_common_level_says_so(tmp_path: Path):
     assert "No in-domain accuracy is reached by every adapter (ranges: dpo 0.500–0.600, innerdpo 0.700–0.800)" in md
 
 
+def test_an_adapter_apart_leaves_each_matched_with_dpo_alone(tmp_path: Path):
+    """One adapter below every other's range (prefvec 0.1–0.3) leaves no level common to all; the others are then
+    matched with dpo on the levels each shares with it, and the one apart is named."""
+    curves = {**CURVES, ("prefvec", 1): [(0.1, 0.5), (0.3, 0.6)]}
+    for job, ((method, seed), points) in enumerate(curves.items()):
+        write(tmp_path / str(job), fake_results(method, seed, {t: 0.6 for t, _ in TARGETS}))
+        write_curve(tmp_path / str(job), points)
+    md = report([tmp_path]).read_text()
+    assert "No in-domain accuracy is reached by every adapter (ranges: dpo 0.500–0.900, innerdpo 0.600–0.800, " \
+           "prefvec 0.100–0.300), so each adapter is matched with dpo alone, at levels the two both reach (none with prefvec)" in md
+    rows = matched_rows(md)
+    assert sorted(rows) == [(level, label) for level in ("0.600", "0.700", "0.800") for label in ("dpo", "innerdpo")]
+    # at 0.7: dpo seed 1 at its point (0.7, 0.6), seed 2 between (0.55, 0.5) and (0.75, 0.7) → 0.65
+    assert rows[("0.700", "dpo")][1].startswith(f"0.625 ± {stats.t.ppf(0.975, 1) * np.std([0.6, 0.65], ddof=1) / np.sqrt(2):.3f} (n=2)")
+    assert rows[("0.700", "innerdpo")][1].startswith("0.700 ± 0.000 (n=2)")
+
+
 def test_unreadable_curve_falls_back_to_the_final_point(tmp_path: Path):
     write(tmp_path / "0", fake_results("dpo", 1, {t: 0.6 for t, _ in TARGETS}))
     (tmp_path / "0" / "curves.jsonl").write_text("{not json\n")

@@ -328,6 +328,7 @@ def bootstrap_table(section: Section, confidence: float) -> list[str]:
 
 MATCHED = "matched in-domain accuracy"
 MATCHED_PNG = "matched_in_domain.png"
+MATCHED_REFERENCE = "dpo"  # the group every other is matched with when no level is common to all
 
 
 class Matched:
@@ -350,6 +351,11 @@ class Matched:
         self.ranges = {label: (min(p.in_domain for rp in runs for p in rp), max(p.in_domain for rp in runs for p in rp))
                        for label, runs in self.points.items()}
         self.levels = common_levels(list(self.ranges.values())) if self.ranges and self.shifts else []
+        # one adapter that never reaches the others' levels would leave nothing to compare; the study's question is
+        # each method against DPO, so then each adapter is matched with DPO alone, on the levels the two share
+        self.pairwise = {label: common_levels([self.ranges[MATCHED_REFERENCE], span])
+                         for label, span in self.ranges.items() if label != MATCHED_REFERENCE} \
+            if not self.levels and self.shifts and MATCHED_REFERENCE in self.ranges else {}
 
     def cell(self, label: str, shift: str, level: float, key: str) -> tuple[float, float, int]:
         """Mean ± CI over the group's seeds of ``key`` (``acc`` or ``coherence``) on ``shift`` interpolated at ``level``
@@ -388,25 +394,45 @@ class Matched:
                  f"chosen log-perplexity change (coherence) interpolated alike. Plot: {MATCHED_PNG}.", ""]
         if not self.levels:
             spans = ", ".join(f"{label} {low:.3f}–{high:.3f}" for label, (low, high) in self.ranges.items())
-            return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}): nothing to compare; "
-                            "sweep further (lr, steps) or add callbacks.shift_eval.every_n_steps for curves.", ""]
-        limit = self.section.coherence_limit
+            rows = [row for level in self.pairwise_levels() for row in self._rows(
+                level, [MATCHED_REFERENCE, *(label for label, own in self.pairwise.items() if level in own)])]
+            if not rows:
+                return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}): nothing to "
+                                "compare; sweep further (lr, steps) or add callbacks.shift_eval.every_n_steps for curves.", ""]
+            apart = [label for label, levels in self.pairwise.items() if not levels]
+            return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}), so each adapter is "
+                            f"matched with {MATCHED_REFERENCE} alone, at levels the two both reach"
+                            + (f" (none with {', '.join(apart)})" if apart else "") + ":", "",
+                    markdown_table(self._header(), rows), ""]
+        rows = [row for level in self.levels for row in self._rows(level, list(self.seed_points))]
+        return [*lines, markdown_table(self._header(), rows), ""]
+
+    def pairwise_levels(self) -> list[float]:
+        """The in-domain levels of the matches with `MATCHED_REFERENCE` alone, all adapters' together."""
+        return sorted({level for levels in self.pairwise.values() for level in levels})
+
+    def _header(self) -> list[str]:
+        return ["in-domain acc", "adapter", "seeds, points", *self.shifts]
+
+    def _rows(self, level: float, labels: Sequence[str]) -> list[list[str]]:
+        """Table rows at one in-domain ``level``, one per group in ``labels``: its seeds and points, then per shift the
+        interpolated accuracy with the chosen log-perplexity change beside it."""
         rows = []
-        for level in self.levels:
-            for label, by_seed in self.seed_points.items():
-                cells = []
-                for shift in self.shifts:
-                    acc, coherence = self.cell(label, shift, level, "acc"), self.cell(label, shift, level, "coherence")
-                    text = fmt_cell(*acc) + ("" if coherence[2] == 0 else f"; Δlog-ppl {coherence[0]:+.2f}")
-                    cells.append(_marked(text, coherence, limit))
-                n_points = sum(len(p) for p in by_seed.values())
-                rows.append([f"{level:.3f}", label, f"{len(by_seed)}, {n_points}", *cells])
-        return [*lines, markdown_table(["in-domain acc", "adapter", "seeds, points", *self.shifts], rows), ""]
+        for label in labels:
+            cells = []
+            for shift in self.shifts:
+                acc, coherence = self.cell(label, shift, level, "acc"), self.cell(label, shift, level, "coherence")
+                text = fmt_cell(*acc) + ("" if coherence[2] == 0 else f"; Δlog-ppl {coherence[0]:+.2f}")
+                cells.append(_marked(text, coherence, self.section.coherence_limit))
+            by_seed = self.seed_points[label]
+            rows.append([f"{level:.3f}", label, f"{len(by_seed)}, {sum(len(p) for p in by_seed.values())}", *cells])
+        return rows
 
     def panels(self) -> list[tuple[str, str, dict[str, list[list[Point]]], list[float], tuple[float, dict[str, float]] | None]]:
         """`plot_matched`'s panels of this section: one per compared shift type."""
         base = self.base()
-        return [(self.section.title, shift, self.points, self.levels, base) for shift in self.shifts] if self.points else []
+        levels = self.levels or self.pairwise_levels()
+        return [(self.section.title, shift, self.points, levels, base) for shift in self.shifts] if self.points else []
 
 
 ELICITATION = "GENIES' differential elicitation"
