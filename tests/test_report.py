@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from reprpo_pl.errors import UserError
+from reprpo_pl.eval.results import INCOHERENT
 from reprpo_pl.report import find_results, main, mean_ci, report
 
 TARGETS = [("math", "in_domain"), ("change_my_view", "cross_domain"), ("math_fiction", "cross_domain"),
@@ -285,6 +286,44 @@ def test_the_bootstrap_resamples_a_pair_with_all_its_seeds(tmp_path):
     assert seed_mean_differences([a, {**b, ("math", "test", 9): 1.0}]) is None  # different pairs: not pooled
     assert seed_mean_differences([a, None]) is None
     assert pair_differences(tmp_path / "missing.jsonl") is None
+
+
+def test_each_method_is_bootstrapped_against_dpo_pair_by_pair(tmp_path):
+    """The acc − dpo's acc table: each pair's correctness minus dpo's on the same pair, resampled by pair; a cell is
+    marked when dpo is beyond the coherence limit there; a target scored on other pairs than dpo's gets no interval."""
+    import torch
+
+    from reprpo_pl.eval.results import per_row_records, write_per_row
+    from reprpo_pl.eval.scorer import RowScores
+
+    def run(method: str, correct: list[bool], names: list[str] | None = None, log_ppl: float = 0.0) -> None:
+        n = len(correct)
+        ones = torch.ones(n)
+        base = RowScores(torch.full((n,), -3.0), torch.full((n,), -2.0), ones, ones)  # every pair wrong
+        adapter = RowScores(torch.tensor([-1.0 if c else -3.0 for c in correct]), torch.full((n,), -2.0), ones, ones)
+        doc = fake_results(method, 1, {t: 0.5 for t, _ in TARGETS})
+        doc["shifts"]["in_domain"]["log_ppl_chosen_delta"] = log_ppl
+        write(tmp_path / method, doc)
+        rows = {t: per_row_records([f"{t}/test/{i}" for i in range(n)], base, adapter) for t, _ in TARGETS}
+        if names:
+            rows["us_history_textbook"] = per_row_records(names, base, adapter)
+        write_per_row(tmp_path / method, rows)
+
+    dpo = [i % 2 == 0 for i in range(20)]  # 10 of 20 right
+    run("dpo", dpo, log_ppl=3.0)
+    run("innerdpo", [True] * 20)  # right on the 10 dpo gets wrong too: +0.5
+    run("projgrad", dpo, names=[f"us_history_textbook/test/{i + 1}" for i in range(20)])  # other orthogonal pairs
+    md = report([tmp_path]).read_text()
+    table = md.split("### acc − dpo's acc per shift type: paired bootstrap 95% CI over pairs")[1].split("###")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line and "adapter" not in line}
+    assert set(rows) == {"innerdpo", "projgrad"}  # dpo is the reference, not a row
+    in_domain, cross, orthogonal = rows["innerdpo"]
+    assert in_domain.startswith("0.500 [") and in_domain.endswith(INCOHERENT)  # dpo's in-domain side is incoherent
+    low, high = (float(v) for v in in_domain.split("[")[1].split("]")[0].split(","))
+    assert 0.2 <= low < 0.5 < high <= 0.8  # half the pairs differ by 1: a binomial spread, not a point
+    assert cross.startswith("0.500 [") and cross.endswith("(n=40 pairs)")  # two targets, pooled; dpo coherent there
+    assert rows["projgrad"][0].startswith("0.000 [0.000, 0.000]") and rows["projgrad"][2] == "–"
 
 
 def test_runs_of_one_method_at_several_learning_rates_get_a_row_each(tmp_path):

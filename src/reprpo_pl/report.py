@@ -119,6 +119,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
 
 
 N_RESAMPLES = 2000
+REFERENCE = "dpo"  # the method the study compares every other with (its question is ReprPO against DPO)
 
 
 def pair_differences(path: Path) -> dict[tuple[str, str, int], float] | None:
@@ -267,19 +268,36 @@ class Section:
         return out
 
 
-    def bootstrap_stats(self, confidence: float) -> dict[str, dict[str, tuple[float, float, float, int] | None]]:
+    def bootstrap_stats(self, confidence: float, against: str | None = None
+                        ) -> dict[str, dict[str, tuple[float, float, float, int] | None]]:
         """``{row label: {shift: paired_bootstrap(...) or None}}`` of ``acc_delta`` per group, from its runs' per-row
-        files (None where a run lacks one or the runs scored different pairs)."""
+        files (None where a run lacks one or the runs scored different pairs). With ``against`` (a group label): of
+        each other group's accuracy minus that group's, pair by pair (None where the two scored different pairs)."""
+        if against is not None and against not in self.groups:
+            return {}
         out: dict[str, dict[str, tuple[float, float, float, int] | None]] = {}
         for label, runs in self.groups.items():
+            if label == against:
+                continue
             out[label] = {}
             for shift in self.shifts:
                 targets = sorted({t["target"] for r in runs for t in r["targets"] if t["shift"] == shift})
-                found = [seed_mean_differences([pair_differences(Path(r["_path"]) / ROWS_DIR / f"{target}.jsonl")
-                                                for r in runs]) for target in targets]
+                found = [_target_differences(runs, target) for target in targets]
+                if against is not None:
+                    reference = [_target_differences(self.groups[against], target) for target in targets]
+                    found = [None if own is None or ref is None or own[0] != ref[0] else (own[0], own[1] - ref[1])
+                             for own, ref in zip(found, reference)]
                 ok = bool(found) and all(d is not None for d in found)
-                out[label][shift] = paired_bootstrap(found, confidence) if ok else None
+                out[label][shift] = paired_bootstrap([d[1] for d in found], confidence) if ok else None
         return out
+
+
+def _target_differences(runs: Sequence[dict[str, Any]], target: str) -> tuple[tuple, np.ndarray] | None:
+    """``(pair keys, [N] differences)``: `seed_mean_differences` of one group's runs on ``target``, with the sorted
+    keys of the pairs they scored; None as there."""
+    per_run = [pair_differences(Path(r["_path"]) / ROWS_DIR / f"{target}.jsonl") for r in runs]
+    differences = seed_mean_differences(per_run)
+    return None if differences is None else (tuple(sorted(per_run[0])), differences)
 
 
 def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
@@ -313,22 +331,36 @@ def shift_tables(section: Section, metric: str, confidence: float) -> list[str]:
     return lines
 
 
-def bootstrap_table(section: Section, confidence: float) -> list[str]:
-    """Markdown lines: `Section.bootstrap_stats` as a table (the groups with per-row files), or nothing without any."""
-    stats_ = {label: cells for label, cells in section.bootstrap_stats(confidence).items()
+def bootstrap_table(section: Section, confidence: float, against: str | None = None) -> list[str]:
+    """Markdown lines: `Section.bootstrap_stats` as a table (the groups with per-row files), or nothing without any;
+    with ``against``, each group's accuracy minus that group's. A cell is marked `INCOHERENT` when the row's group,
+    or the ``against`` group, is beyond the coherence limit on that shift."""
+    stats_ = {label: cells for label, cells in section.bootstrap_stats(confidence, against).items()
               if any(cell is not None for cell in cells.values())}
     if not stats_:
         return []
-    rows = [[label, *("–" if cells[s] is None else fmt_interval(*cells[s]) for s in section.shifts)] for label, cells in stats_.items()]
-    return [f"### acc_delta per shift type: paired bootstrap {confidence:.0%} CI over pairs (each pair's adapter − base "
-            f"correctness averaged over the group's seeds, pairs resampled {N_RESAMPLES} times from eval/<target>.jsonl: "
-            "which pairs were drawn, not seed variance)", "",
+    coherence, limit = section.shift_stats(COHERENCE, confidence), section.coherence_limit
+
+    def cell(label: str, shift: str) -> str:
+        if stats_[label][shift] is None:
+            return "–"
+        text = _marked(fmt_interval(*stats_[label][shift]), coherence.get(label, {}).get(shift), limit)
+        return text if text.endswith(INCOHERENT) or against is None else \
+            _marked(text, coherence.get(against, {}).get(shift), limit)
+
+    rows = [[label, *(cell(label, s) for s in section.shifts)] for label in stats_]
+    what = (f"acc − {against}'s acc per shift type: paired bootstrap {confidence:.0%} CI over pairs (each pair's "
+            f"correctness minus {against}'s on the same pair, each averaged over its group's seeds"
+            if against else f"acc_delta per shift type: paired bootstrap {confidence:.0%} CI over pairs (each pair's "
+            "adapter − base correctness averaged over the group's seeds")
+    return [f"### {what}, pairs resampled {N_RESAMPLES} times from eval/<target>.jsonl: which pairs were drawn, not "
+            f"seed variance; {INCOHERENT} = beyond ±{limit:g} nats of chosen log-perplexity change"
+            + (f", either side's" if against else "") + ")", "",
             markdown_table(["adapter", *section.shifts], rows), ""]
 
 
 MATCHED = "matched in-domain accuracy"
 MATCHED_PNG = "matched_in_domain.png"
-MATCHED_REFERENCE = "dpo"  # the group every other is matched with when no level is common to all
 
 
 class Matched:
@@ -353,9 +385,9 @@ class Matched:
         self.levels = common_levels(list(self.ranges.values())) if self.ranges and self.shifts else []
         # one adapter that never reaches the others' levels would leave nothing to compare; the study's question is
         # each method against DPO, so then each adapter is matched with DPO alone, on the levels the two share
-        self.pairwise = {label: common_levels([self.ranges[MATCHED_REFERENCE], span])
-                         for label, span in self.ranges.items() if label != MATCHED_REFERENCE} \
-            if not self.levels and self.shifts and MATCHED_REFERENCE in self.ranges else {}
+        self.pairwise = {label: common_levels([self.ranges[REFERENCE], span])
+                         for label, span in self.ranges.items() if label != REFERENCE} \
+            if not self.levels and self.shifts and REFERENCE in self.ranges else {}
 
     def cell(self, label: str, shift: str, level: float, key: str) -> tuple[float, float, int]:
         """Mean ± CI over the group's seeds of ``key`` (``acc`` or ``coherence``) on ``shift`` interpolated at ``level``
@@ -395,20 +427,20 @@ class Matched:
         if not self.levels:
             spans = ", ".join(f"{label} {low:.3f}–{high:.3f}" for label, (low, high) in self.ranges.items())
             rows = [row for level in self.pairwise_levels() for row in self._rows(
-                level, [MATCHED_REFERENCE, *(label for label, own in self.pairwise.items() if level in own)])]
+                level, [REFERENCE, *(label for label, own in self.pairwise.items() if level in own)])]
             if not rows:
                 return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}): nothing to "
                                 "compare; sweep further (lr, steps) or add callbacks.shift_eval.every_n_steps for curves.", ""]
             apart = [label for label, levels in self.pairwise.items() if not levels]
             return [*lines, f"No in-domain accuracy is reached by every adapter (ranges: {spans}), so each adapter is "
-                            f"matched with {MATCHED_REFERENCE} alone, at levels the two both reach"
+                            f"matched with {REFERENCE} alone, at levels the two both reach"
                             + (f" (none with {', '.join(apart)})" if apart else "") + ":", "",
                     markdown_table(self._header(), rows), ""]
         rows = [row for level in self.levels for row in self._rows(level, list(self.seed_points))]
         return [*lines, markdown_table(self._header(), rows), ""]
 
     def pairwise_levels(self) -> list[float]:
-        """The in-domain levels of the matches with `MATCHED_REFERENCE` alone, all adapters' together."""
+        """The in-domain levels of the matches with `REFERENCE` alone, all adapters' together."""
         return sorted({level for levels in self.pairwise.values() for level in levels})
 
     def _header(self) -> list[str]:
@@ -509,7 +541,7 @@ def render_report(sections: Sequence[Section], matched: Sequence[Matched], elici
              f"{n_skipped} run dirs without results.json skipped.", ""]
     for section, section_matched in zip(sections, matched):
         lines += [f"## {section.title}", "", *lr_choice_table(section), *shift_tables(section, metric, confidence),
-                  *bootstrap_table(section, confidence)]
+                  *bootstrap_table(section, confidence), *bootstrap_table(section, confidence, REFERENCE)]
         rows = []
         for label, runs in section.groups.items():
             seeds = ", ".join(str(s) for s in sorted({r.get("seed") for r in runs}, key=str))
