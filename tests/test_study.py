@@ -102,7 +102,7 @@ def test_a_committed_job_reruns_from_its_overrides_and_is_compared_to_its_seed_s
 
 RUNS = Path(__file__).parents[1] / "docs" / "study" / "runs"
 REPORTS = {"lr_selection": ["lr_selection", "math/*_s1"], "math": ["math"], "unhelpful_alpaca": ["unhelpful_alpaca"],
-           "math_easy": ["math_easy"]}  # docs/study/README.md's report commands: report.md's folder → its inputs
+           "math_easy": ["math_easy", "math_hard"]}  # docs/study/README.md's report commands: report.md's folder → its inputs
 
 
 @pytest.mark.parametrize("name", [name for name in REPORTS if (RUNS / name / "report.md").is_file()])
