@@ -5,9 +5,10 @@
 Writes report.md (per-shift table with the coherence table beside it, objective, per-target table, the
 "matched in-domain accuracy" table, GENIES' differential elicitation where target-tuned runs are among the inputs),
 report.png (bar chart with CI error bars) and matched_in_domain.png (out-of-domain vs in-domain accuracy, a colour
-per method) into --out (default: the first input dir) and prints the per-shift, matched and GENIES tables. A cell whose runs' chosen log-perplexity moved by more than eval.coherence_limit is
-marked likely incoherent. Every group with per-pair files (eval/<target>.jsonl) also gets paired bootstrap CIs of
-acc_delta over its pairs: the seeds' CIs measure training variance on fixed pairs, the bootstrap which pairs were drawn.
+per method) into --out (default: the first input dir) and prints the per-shift, matched and GENIES tables. A cell
+whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent. Every group with per-pair files (eval/<target>.jsonl) also gets paired bootstrap CIs of
+acc_delta over its pairs: the seeds' CIs measure training variance on fixed pairs, the bootstrap which pairs were drawn;
+and, beside a dpo group, each other group's accuracy minus dpo's on the same pairs, bootstrapped alike.
 """
 
 from __future__ import annotations
