@@ -6,9 +6,10 @@ Writes report.md (per-shift table with the coherence table beside it, objective,
 "matched in-domain accuracy" table, GENIES' differential elicitation where target-tuned runs are among the inputs),
 report.png (bar chart with CI error bars) and matched_in_domain.png (out-of-domain vs in-domain accuracy, a colour
 per method) into --out (default: the first input dir) and prints the per-shift, matched and GENIES tables. A cell
-whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent. Every group with per-pair files (eval/<target>.jsonl) also gets paired bootstrap CIs of
-acc_delta over its pairs: the seeds' CIs measure training variance on fixed pairs, the bootstrap which pairs were drawn;
-and, beside a dpo group, each other group's accuracy minus dpo's on the same pairs, bootstrapped alike.
+whose runs' chosen log-perplexity moved by more than eval.coherence_limit is marked likely incoherent. Every group
+with per-pair files (eval/<target>.jsonl) also gets paired bootstrap CIs of acc_delta over its pairs: the seeds' CIs
+measure training variance on fixed pairs, the bootstrap which pairs were drawn; and, beside a dpo group, each other
+group's accuracy minus dpo's on the same pairs, bootstrapped alike.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ class Section:
         order = {s: i for i, s in enumerate(SHIFT_ORDER)}
         self.targets = sorted(targets.items(), key=lambda kv: order.get(kv[1], len(order)))
         self.coherence_limit = min(coherence_limit_of(r) for r in runs)  # the strictest of the runs' eval.coherence_limit
+        self._differences: dict[tuple[str, str], tuple[tuple, np.ndarray] | None] = {}  # `target_differences`' cache
 
     @property
     def title(self) -> str:
@@ -283,22 +285,23 @@ class Section:
             out[label] = {}
             for shift in self.shifts:
                 targets = sorted({t["target"] for r in runs for t in r["targets"] if t["shift"] == shift})
-                found = [_target_differences(runs, target) for target in targets]
+                found = [self.target_differences(label, target) for target in targets]
                 if against is not None:
-                    reference = [_target_differences(self.groups[against], target) for target in targets]
+                    reference = [self.target_differences(against, target) for target in targets]
                     found = [None if own is None or ref is None or own[0] != ref[0] else (own[0], own[1] - ref[1])
                              for own, ref in zip(found, reference)]
                 ok = bool(found) and all(d is not None for d in found)
                 out[label][shift] = paired_bootstrap([d[1] for d in found], confidence) if ok else None
         return out
 
-
-def _target_differences(runs: Sequence[dict[str, Any]], target: str) -> tuple[tuple, np.ndarray] | None:
-    """``(pair keys, [N] differences)``: `seed_mean_differences` of one group's runs on ``target``, with the sorted
-    keys of the pairs they scored; None as there."""
-    per_run = [pair_differences(Path(r["_path"]) / ROWS_DIR / f"{target}.jsonl") for r in runs]
-    differences = seed_mean_differences(per_run)
-    return None if differences is None else (tuple(sorted(per_run[0])), differences)
+    def target_differences(self, label: str, target: str) -> tuple[tuple, np.ndarray] | None:
+        """``(pair keys, [N] differences)``: `seed_mean_differences` of group ``label``'s runs on ``target``, with the
+        sorted keys of the pairs they scored; None as there. Read once per section (both bootstrap tables use it)."""
+        if (label, target) not in self._differences:
+            per_run = [pair_differences(Path(r["_path"]) / ROWS_DIR / f"{target}.jsonl") for r in self.groups[label]]
+            differences = seed_mean_differences(per_run)
+            self._differences[label, target] = None if differences is None else (tuple(sorted(per_run[0])), differences)
+        return self._differences[label, target]
 
 
 def sections_of(runs: Sequence[dict[str, Any]]) -> list[Section]:
@@ -318,9 +321,14 @@ def shift_table(section: Section, metric: str, confidence: float) -> str:
     return markdown_table(["adapter", *section.shifts], rows)
 
 
+def _flagged(coherence: tuple[float, float, int] | None, limit: float) -> bool:
+    """Whether a mean chosen log-perplexity change (a `mean_ci` triple, or None) exceeds ``limit``."""
+    return coherence is not None and bool(coherence[2]) and is_incoherent(coherence[0], limit)
+
+
 def _marked(cell: str, coherence: tuple[float, float, int] | None, limit: float) -> str:
     """``cell`` followed by `INCOHERENT` when the mean chosen log-perplexity change of its runs exceeds ``limit``."""
-    return f"{cell} {INCOHERENT}" if coherence is not None and coherence[2] and is_incoherent(coherence[0], limit) else cell
+    return f"{cell} {INCOHERENT}" if _flagged(coherence, limit) else cell
 
 
 def shift_tables(section: Section, metric: str, confidence: float) -> list[str]:
@@ -345,9 +353,9 @@ def bootstrap_table(section: Section, confidence: float, against: str | None = N
     def cell(label: str, shift: str) -> str:
         if stats_[label][shift] is None:
             return "–"
-        text = _marked(fmt_interval(*stats_[label][shift]), coherence.get(label, {}).get(shift), limit)
-        return text if text.endswith(INCOHERENT) or against is None else \
-            _marked(text, coherence.get(against, {}).get(shift), limit)
+        flagged = any(_flagged(coherence.get(group, {}).get(shift), limit) for group in (label, against) if group)
+        text = fmt_interval(*stats_[label][shift])
+        return f"{text} {INCOHERENT}" if flagged else text
 
     rows = [[label, *(cell(label, s) for s in section.shifts)] for label in stats_]
     what = (f"acc − {against}'s acc per shift type: paired bootstrap {confidence:.0%} CI over pairs (each pair's "
